@@ -1,0 +1,305 @@
+//! The gRPC face of the service: the only module that sees tonic and prost.
+//! Handlers validate requests into domain types (`parse`), call the store,
+//! and convert results back; errors become statuses in `status` only.
+
+mod convert;
+pub mod status;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::{
+    Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Result, Rev, SyncKey, new_ids,
+};
+use crate::pb::{self, sync_service_server::SyncService};
+use crate::store::Store;
+
+/// The most ids one NewId call hands out.
+pub const MAX_NEW_IDS: u32 = 1000;
+
+pub struct Service {
+    store: Arc<Store>,
+    body_limits: BodyLimits,
+    max_bulk_docs: usize,
+}
+
+impl Service {
+    pub fn new(store: Arc<Store>, body_limits: BodyLimits, max_bulk_docs: usize) -> Self {
+        Service {
+            store,
+            body_limits,
+            max_bulk_docs,
+        }
+    }
+
+    /// Validates one document write (Put, a BulkPut item).
+    fn doc_write(
+        &self,
+        field: &str,
+        id: &str,
+        rev: &str,
+        body: Option<prost_types::Struct>,
+        aliases: &[String],
+    ) -> Result<DocWrite> {
+        let id = DocId::parse(&format!("{field}id"), id)?;
+        let rev = parse_optional_rev(&format!("{field}rev"), rev)?;
+        let body_field = format!("{field}body");
+        let body = body.ok_or_else(|| {
+            Error::invalid(
+                &body_field,
+                "a body is required; send a JSON object (an empty one is fine)",
+            )
+        })?;
+        let body = crate::domain::Body::parse(
+            &body_field,
+            convert::struct_to_json(&body_field, body)?,
+            self.body_limits,
+        )?;
+        Ok(DocWrite {
+            id,
+            rev,
+            change: DocChange::Put(body),
+            aliases: Alias::parse_list(&format!("{field}notify_aliases"), aliases)?,
+        })
+    }
+}
+
+fn parse_optional_rev(field: &str, rev: &str) -> Result<Option<Rev>> {
+    if rev.is_empty() {
+        Ok(None)
+    } else {
+        Rev::parse(field, rev).map(Some)
+    }
+}
+
+/// The `error` string of a failed BulkPut item.
+fn bulk_error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::Conflict { .. } => "conflict",
+        Error::Invalid { .. } => "invalid",
+        Error::TooLarge { .. } => "too_large",
+        Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
+        Error::DatabaseExists(_) => "exists",
+        Error::Unavailable(_) => "unavailable",
+        Error::Storage(_) => "internal",
+    }
+}
+
+fn bulk_failure(id: String, e: &Error) -> pb::BulkPutResult {
+    pb::BulkPutResult {
+        id,
+        error: bulk_error_kind(e).to_owned(),
+        reason: match e {
+            Error::Storage(_) => "the server failed to store this document; retry it".to_owned(),
+            _ => e.to_string(),
+        },
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl SyncService for Service {
+    async fn create_database(
+        &self,
+        request: Request<pb::CreateDatabaseRequest>,
+    ) -> Result<Response<pb::CreateDatabaseResponse>, Status> {
+        let req = request.into_inner();
+        let name = DbName::parse("name", &req.name)?;
+        let sync_key = if req.sync_key.is_empty() {
+            SyncKey::from_db_name(&name)
+        } else {
+            SyncKey::parse("sync_key", &req.sync_key)?
+        };
+        let db = self.store.create_database(name, sync_key).await?;
+        Ok(Response::new(pb::CreateDatabaseResponse {
+            database: Some(convert::database(db)),
+        }))
+    }
+
+    async fn delete_database(
+        &self,
+        request: Request<pb::DeleteDatabaseRequest>,
+    ) -> Result<Response<pb::DeleteDatabaseResponse>, Status> {
+        let name = DbName::parse("name", &request.into_inner().name)?;
+        self.store.delete_database(name).await?;
+        Ok(Response::new(pb::DeleteDatabaseResponse {}))
+    }
+
+    async fn list_databases(
+        &self,
+        _request: Request<pb::ListDatabasesRequest>,
+    ) -> Result<Response<pb::ListDatabasesResponse>, Status> {
+        let databases = self.store.list_databases().await?;
+        Ok(Response::new(pb::ListDatabasesResponse {
+            databases: databases.into_iter().map(convert::database).collect(),
+        }))
+    }
+
+    async fn new_id(
+        &self,
+        request: Request<pb::NewIdRequest>,
+    ) -> Result<Response<pb::NewIdResponse>, Status> {
+        let count = match request.into_inner().count {
+            0 => 1,
+            n if n > MAX_NEW_IDS => {
+                return Err(Error::invalid(
+                    "count",
+                    format!("{n} ids requested; at most {MAX_NEW_IDS} per call"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        Ok(Response::new(pb::NewIdResponse {
+            ids: new_ids(count as usize)
+                .into_iter()
+                .map(DocId::into_string)
+                .collect(),
+        }))
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let req = request.into_inner();
+        let database = DbName::parse("database", &req.database)?;
+        let write = self.doc_write("", &req.id, &req.rev, req.body, &req.notify_aliases)?;
+        let out = self.store.write(database, write).await?;
+        Ok(Response::new(pb::PutResponse {
+            id: out.id.into_string(),
+            rev: out.rev.to_string(),
+            seq: out.seq,
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let database = DbName::parse("database", &req.database)?;
+        let id = DocId::parse("id", &req.id)?;
+        let doc = self.store.get(&database, &id).await?;
+        Ok(Response::new(pb::GetResponse {
+            document: Some(convert::document(doc)),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let database = DbName::parse("database", &req.database)?;
+        let write = DocWrite {
+            id: DocId::parse("id", &req.id)?,
+            rev: parse_optional_rev("rev", &req.rev)?,
+            change: DocChange::Delete,
+            aliases: Alias::parse_list("notify_aliases", &req.notify_aliases)?,
+        };
+        let out = self.store.write(database, write).await?;
+        Ok(Response::new(pb::DeleteResponse {
+            id: out.id.into_string(),
+            rev: out.rev.to_string(),
+            seq: out.seq,
+        }))
+    }
+
+    async fn bulk_put(
+        &self,
+        request: Request<pb::BulkPutRequest>,
+    ) -> Result<Response<pb::BulkPutResponse>, Status> {
+        let req = request.into_inner();
+        let database = DbName::parse("database", &req.database)?;
+        if req.docs.len() > self.max_bulk_docs {
+            return Err(Error::invalid(
+                "docs",
+                format!(
+                    "{} documents sent; at most {} per BulkPut, split the batch",
+                    req.docs.len(),
+                    self.max_bulk_docs
+                ),
+            )
+            .into());
+        }
+        let missing_ids = req.docs.iter().filter(|d| d.id.is_empty()).count();
+        let mut fresh_ids = new_ids(missing_ids).into_iter();
+        // Valid items go to the store; invalid ones answer in place.
+        let mut results: Vec<Option<pb::BulkPutResult>> = Vec::with_capacity(req.docs.len());
+        let mut writes = Vec::with_capacity(req.docs.len());
+        for (i, item) in req.docs.into_iter().enumerate() {
+            let id = match item.id.is_empty() {
+                true => fresh_ids.next().map(DocId::into_string).unwrap_or_default(),
+                false => item.id,
+            };
+            let field = format!("docs[{i}].");
+            match self.doc_write(&field, &id, &item.rev, item.body, &item.notify_aliases) {
+                Ok(w) => {
+                    writes.push(w);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(bulk_failure(id, &e))),
+            }
+        }
+        let ids: Vec<String> = writes.iter().map(|w| w.id.to_string()).collect();
+        // Sent even when no item is valid, so a missing database is NOT_FOUND.
+        let mut stored = self
+            .store
+            .write_many(database, writes)
+            .await?
+            .into_iter()
+            .zip(ids);
+        let results = results
+            .into_iter()
+            .map(|slot| match slot {
+                Some(failed) => failed,
+                None => match stored.next() {
+                    Some((Ok(out), _)) => pb::BulkPutResult {
+                        id: out.id.into_string(),
+                        rev: out.rev.to_string(),
+                        seq: out.seq,
+                        ..Default::default()
+                    },
+                    Some((Err(e), id)) => bulk_failure(id, &e),
+                    None => bulk_failure(
+                        String::new(),
+                        &Error::Storage("missing result from the writer".into()),
+                    ),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::BulkPutResponse { results }))
+    }
+
+    async fn changes(
+        &self,
+        _request: Request<pb::ChangesRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        Err(Status::unimplemented(
+            "Changes is not implemented yet in this server version",
+        ))
+    }
+
+    async fn notify(
+        &self,
+        _request: Request<pb::NotifyRequest>,
+    ) -> Result<Response<pb::NotifyResponse>, Status> {
+        Err(Status::unimplemented(
+            "Notify is not implemented yet in this server version",
+        ))
+    }
+
+    type SubscribeStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        _request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented(
+            "Subscribe is not implemented yet in this server version",
+        ))
+    }
+}

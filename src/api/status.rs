@@ -1,0 +1,78 @@
+//! The one place a domain `Error` becomes a gRPC `Status`. Storage failures
+//! are logged here and answered INTERNAL without their details.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use tonic::{Code, Status};
+
+use super::convert;
+use crate::domain::Error;
+
+/// The `google.rpc.ErrorInfo` domain of agsync's errors.
+pub const ERROR_DOMAIN: &str = "agsync";
+/// The type URL of an `agsync.v1.Document` packed in a `google.protobuf.Any`.
+pub const DOCUMENT_TYPE_URL: &str = "type.googleapis.com/agsync.v1.Document";
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => {
+                Status::not_found(message)
+            }
+            Error::DatabaseExists(_) => Status::already_exists(message),
+            Error::Conflict {
+                database,
+                id,
+                current_rev,
+                current,
+                ..
+            } => {
+                let info = tonic_types::pb::ErrorInfo {
+                    reason: "CONFLICT".into(),
+                    domain: ERROR_DOMAIN.into(),
+                    metadata: HashMap::from([
+                        ("database".to_owned(), database),
+                        ("id".to_owned(), id.into_string()),
+                        (
+                            "current_rev".to_owned(),
+                            current_rev.map(|r| r.to_string()).unwrap_or_default(),
+                        ),
+                    ]),
+                };
+                let mut details = vec![prost_types::Any {
+                    type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+                    value: info.encode_to_vec(),
+                }];
+                if let Some(doc) = current {
+                    details.push(prost_types::Any {
+                        type_url: DOCUMENT_TYPE_URL.into(),
+                        value: convert::document(*doc).encode_to_vec(),
+                    });
+                }
+                with_details(Code::Aborted, message, details)
+            }
+            Error::Invalid { .. } => Status::invalid_argument(message),
+            Error::TooLarge { .. } => Status::resource_exhausted(message),
+            Error::Unavailable(_) => Status::unavailable(message),
+            Error::Storage(source) => {
+                tracing::error!(error = %source, "storage failure");
+                Status::internal(
+                    "the server failed to access its storage; the request was not applied, \
+                     retry later (details are in the server log)",
+                )
+            }
+        }
+    }
+}
+
+/// A status with `google.rpc.Status` details in `grpc-status-details-bin`.
+fn with_details(code: Code, message: String, details: Vec<prost_types::Any>) -> Status {
+    let rich = tonic_types::pb::Status {
+        code: code as i32,
+        message: message.clone(),
+        details,
+    };
+    Status::with_details(code, message, rich.encode_to_vec().into())
+}

@@ -1,0 +1,66 @@
+//! The one error type of the service, by cause. Every fallible operation in
+//! `domain` and `store` returns it; `api::status` is the only place that turns
+//! it into a gRPC status. Messages say what was wrong and what to do.
+
+use super::{DocId, Document, Rev};
+
+/// Everything that can go wrong, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database {0:?} does not exist; create it with CreateDatabase or check the name")]
+    DatabaseNotFound(String),
+
+    #[error("database {0:?} already exists; pick another name or use the existing database")]
+    DatabaseExists(String),
+
+    #[error("document {id:?} does not exist in database {database:?} (it is missing or deleted)")]
+    DocumentNotFound { database: String, id: String },
+
+    /// A write named a revision that is not the document's current one.
+    /// `current` is the document as it is now, or `None` if it is missing or
+    /// deleted; `current_rev` is its revision (the tombstone's if deleted).
+    #[error(
+        "Document update conflict: document {:?} in database {database:?} {}, but the request {}; read the current document (it is in the error details when live), merge, and retry with its rev",
+        id.as_str(),
+        current_rev.as_ref().map_or_else(|| "does not exist".to_owned(), |r| format!("is at revision {r}")),
+        sent_rev.as_ref().map_or_else(|| "sent no rev (a create)".to_owned(), |r| format!("sent rev {r}"))
+    )]
+    Conflict {
+        database: String,
+        id: DocId,
+        sent_rev: Option<Rev>,
+        current_rev: Option<Rev>,
+        current: Option<Box<Document>>,
+    },
+
+    /// Malformed input: `field` names the request field, `why` the rule.
+    #[error("invalid {field}: {why}")]
+    Invalid { field: String, why: String },
+
+    /// Input over a configured limit.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes; make it smaller")]
+    TooLarge {
+        what: String,
+        size: usize,
+        limit: usize,
+    },
+
+    /// The service cannot take the request now (e.g. it is shutting down).
+    #[error("{0}; retry shortly, or against another server")]
+    Unavailable(String),
+
+    /// The storage layer failed. Logged in full; never shown to clients.
+    #[error("storage failure: {0}")]
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, why: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            why: why.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,71 @@
+//! The service's vocabulary: validated names and ids (`parse()` is the only
+//! way in), revisions and their hashing, JSON bodies in canonical form, and
+//! the one error type. Pure logic: no I/O, no tonic/prost, no sqlx.
+
+mod body;
+mod error;
+mod names;
+mod revision;
+
+pub use body::{Body, BodyLimits};
+pub use error::{Error, Result};
+pub use names::{Alias, DbName, DocId, SyncKey, new_ids};
+pub use revision::Rev;
+
+/// A live document at its current revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub id: DocId,
+    pub rev: Rev,
+    pub body: Body,
+    pub seq: u64,
+}
+
+/// A database and its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseInfo {
+    pub name: DbName,
+    pub sync_key: SyncKey,
+    pub doc_count: u64,
+    pub update_seq: u64,
+}
+
+/// One document write: a create or update (`body` set) or a delete.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub id: DocId,
+    /// The revision the writer believes is current; `None` for a create.
+    pub rev: Option<Rev>,
+    pub change: DocChange,
+    /// The audience of the resulting notification; empty: everyone.
+    pub aliases: Vec<Alias>,
+}
+
+#[derive(Debug, Clone)]
+pub enum DocChange {
+    Put(Body),
+    Delete,
+}
+
+/// What a successful document write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub id: DocId,
+    pub rev: Rev,
+    pub seq: u64,
+}
+
+/// One entry of the durable notification log: a document write or a Notify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub sync_key: SyncKey,
+    /// The database written to; `None` for Notify.
+    pub database: Option<DbName>,
+    pub id: Option<DocId>,
+    pub rev: Option<Rev>,
+    pub deleted: bool,
+    /// Who the event is for; empty: every subscriber of the key.
+    pub aliases: Vec<Alias>,
+    pub attributes: std::collections::BTreeMap<String, String>,
+}

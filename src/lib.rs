@@ -1,0 +1,32 @@
+//! agsync: a data-sync service for mobile and web apps. JSON documents in
+//! named databases with CouchDB's revision model, and sync notifications,
+//! served over gRPC.
+//!
+//! # Layout
+//! - [`config`]: command-line flags and the limits they set.
+//! - [`domain`]: validated names, revisions, bodies and the one [`Error`]
+//!   type; pure logic, no I/O.
+//! - [`store`]: SQLite through sqlx: a read pool and the single writer task
+//!   (group commit). All SQL lives there.
+//! - [`api`]: the gRPC service; the only code that sees tonic/prost, and the
+//!   one place an [`Error`] becomes a `tonic::Status`.
+//! - [`server`]: wiring, health, reflection, keepalive and shutdown.
+//! - [`pb`]: code generated from `proto/agsync/v1/sync.proto`.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod server;
+pub mod store;
+
+pub use domain::Error;
+
+/// Generated from `proto/agsync/v1/sync.proto`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("agsync.v1");
+
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/agsync_descriptor.bin"));
+}

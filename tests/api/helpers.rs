@@ -1,0 +1,308 @@
+//! Test harness: a real server on an ephemeral loopback port with a temp
+//! SQLite file, driven through the generated tonic client. `TestServer` runs
+//! the server in-process (fast, restartable on the same file); `ProcessServer`
+//! runs the real binary so a test can SIGKILL it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use agsync::config::Config;
+use agsync::pb::sync_service_client::SyncServiceClient;
+use agsync::pb::{self, PutRequest};
+use prost::Message;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub type Client = SyncServiceClient<Channel>;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub client: Client,
+    config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<agsync::domain::Result<()>>>,
+    // Dropped last: the database file lives here.
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::for_path(dir.path().join("agsync.db"));
+        configure(&mut config);
+        let (addr, shutdown, task) = spawn(config.clone()).await;
+        TestServer {
+            addr,
+            client: connect(addr).await,
+            config,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Graceful shutdown, waiting for the server (and its store) to close.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("server stops within 30 s")
+                .expect("server task panicked")
+                .expect("server run failed");
+        }
+    }
+
+    /// Stops the server and starts a new one on the same database file.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let (addr, shutdown, task) = spawn(self.config.clone()).await;
+        self.addr = addr;
+        self.client = connect(addr).await;
+        self.shutdown = Some(shutdown);
+        self.task = Some(task);
+    }
+
+    pub async fn channel(&self) -> Channel {
+        channel(self.addr).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn spawn(
+    config: Config,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<agsync::domain::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agsync::server::run(config, listener, async move {
+        let _ = rx.await;
+    }));
+    (addr, tx, task)
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect to server")
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    SyncServiceClient::new(channel(addr).await)
+}
+
+/// The real binary, so a test can kill it with SIGKILL.
+pub struct ProcessServer {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl ProcessServer {
+    pub async fn start(db: &Path) -> ProcessServer {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agsync"))
+            .args(["--listen", "127.0.0.1:0", "--db"])
+            .arg(db)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn agsync");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read stderr") {
+                if let Some(rest) = line.split("address=").nth(1) {
+                    let addr = rest.split_whitespace().next().expect("address value");
+                    return addr.parse::<SocketAddr>().expect("socket address");
+                }
+            }
+            panic!("agsync exited before listening");
+        })
+        .await
+        .expect("agsync starts within 30 s");
+        // Keep draining stderr so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ProcessServer { addr, child }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill agsync");
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("agsync exits within 30 s of SIGTERM")
+            .expect("wait")
+    }
+}
+
+/// A `google.protobuf.Struct` from a JSON object literal.
+pub fn body(v: Value) -> prost_types::Struct {
+    let Value::Object(map) = v else {
+        panic!("body must be a JSON object")
+    };
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, value(v))).collect(),
+    }
+}
+
+fn value(v: Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().expect("number")),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(value).collect(),
+        }),
+        Value::Object(_) => Kind::StructValue(body(v)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A `google.protobuf.Struct` back as JSON.
+pub fn json(s: &prost_types::Struct) -> Value {
+    Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), json_value(v)))
+            .collect(),
+    )
+}
+
+fn json_value(v: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match v.kind.as_ref().expect("kind") {
+        Kind::NullValue(_) => Value::Null,
+        Kind::BoolValue(b) => Value::Bool(*b),
+        // Integral numbers come back as integers, as the server stores them.
+        Kind::NumberValue(n) if n.fract() == 0.0 && n.abs() < 9e15 => serde_json::json!(*n as i64),
+        Kind::NumberValue(n) => serde_json::json!(n),
+        Kind::StringValue(s) => Value::String(s.clone()),
+        Kind::ListValue(l) => Value::Array(l.values.iter().map(json_value).collect()),
+        Kind::StructValue(s) => json(s),
+    }
+}
+
+pub async fn create_db(client: &mut Client, name: &str) -> pb::Database {
+    client
+        .create_database(pb::CreateDatabaseRequest {
+            name: name.into(),
+            sync_key: String::new(),
+        })
+        .await
+        .expect("create database")
+        .into_inner()
+        .database
+        .expect("database")
+}
+
+pub async fn put(
+    client: &mut Client,
+    db: &str,
+    id: &str,
+    rev: &str,
+    b: Value,
+) -> Result<pb::PutResponse, Status> {
+    client
+        .put(PutRequest {
+            database: db.into(),
+            id: id.into(),
+            rev: rev.into(),
+            body: Some(body(b)),
+            notify_aliases: vec![],
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn get(client: &mut Client, db: &str, id: &str) -> Result<pb::Document, Status> {
+    client
+        .get(pb::GetRequest {
+            database: db.into(),
+            id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().document.expect("document"))
+}
+
+/// Asserts the result failed with `code` and a message containing `needle`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needle: &str) {
+    match result {
+        Ok(v) => panic!("expected {code:?} containing {needle:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "wrong code; message: {}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "message {:?} does not contain {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+/// The rich details of a conflict: the ErrorInfo and the current document.
+pub struct ConflictDetails {
+    pub info: tonic_types::ErrorInfo,
+    pub current: Option<pb::Document>,
+}
+
+pub fn conflict_details(status: &Status) -> ConflictDetails {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), Code::Aborted, "{}", status.message());
+    let info = status
+        .get_details_error_info()
+        .expect("an ErrorInfo in the details");
+    let rich = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
+    let current = rich
+        .details
+        .iter()
+        .find(|any| any.type_url == "type.googleapis.com/agsync.v1.Document")
+        .map(|any| pb::Document::decode(any.value.as_slice()).expect("Document"));
+    ConflictDetails { info, current }
+}
+
+pub fn generation(rev: &str) -> u64 {
+    rev.split('-').next().unwrap().parse().unwrap()
+}

@@ -1,0 +1,9 @@
+//! One integration-test binary (so the crate links once), one module per area.
+
+mod helpers;
+
+mod bulk;
+mod databases;
+mod documents;
+mod durability;
+mod server;
