@@ -58,6 +58,33 @@ pub struct Config {
     #[arg(long, default_value_t = 1024)]
     pub max_batch: usize,
 
+    /// How many of the newest events the log keeps, so subscribers can resume
+    /// with `since`. Resuming from an older seq gets OUT_OF_RANGE with the
+    /// oldest seq still available. Each event takes roughly 100-200 bytes.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub retain_events: u64,
+
+    /// Most sync keys in one Subscribe; more is INVALID_ARGUMENT.
+    #[arg(long, default_value_t = 100)]
+    pub max_subscribe_keys: usize,
+
+    /// Events buffered per subscriber before it falls back to catching up
+    /// from the durable log (it is never cut off and misses nothing).
+    #[arg(long, default_value_t = 256)]
+    pub subscriber_buffer: usize,
+
+    /// How often an idle Subscribe stream gets a `progress` event.
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    pub progress_interval_secs: Duration,
+
+    /// Default page size of Changes (when `limit` is 0).
+    #[arg(long, default_value_t = 1000)]
+    pub changes_default_limit: u32,
+
+    /// Largest page of Changes; a bigger `limit` is INVALID_ARGUMENT.
+    #[arg(long, default_value_t = 10_000)]
+    pub changes_max_limit: u32,
+
     /// How long shutdown waits for in-flight requests before closing anyway.
     #[arg(long, value_parser = parse_seconds, default_value = "10")]
     pub shutdown_timeout_secs: Duration,
@@ -92,6 +119,7 @@ impl Config {
             read_connections: self.read_connections,
             writer_queue: self.writer_queue,
             max_batch: self.max_batch,
+            retain_events: self.retain_events,
         }
     }
 }

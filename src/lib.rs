@@ -8,6 +8,8 @@
 //!   type; pure logic, no I/O.
 //! - [`store`]: SQLite through sqlx: a read pool and the single writer task
 //!   (group commit). All SQL lives there.
+//! - [`hub`]: fan-out of committed events to live subscribers, and each
+//!   subscriber's replay and catch-up from the durable log.
 //! - [`api`]: the gRPC service; the only code that sees tonic/prost, and the
 //!   one place an [`Error`] becomes a `tonic::Status`.
 //! - [`server`]: wiring, health, reflection, keepalive and shutdown.
@@ -16,6 +18,7 @@
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod hub;
 pub mod server;
 pub mod store;
 

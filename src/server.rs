@@ -10,10 +10,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::Service;
 use crate::config::Config;
 use crate::domain::Result;
+use crate::hub::Hub;
 use crate::pb::sync_service_server::SyncServiceServer;
 use crate::store::Store;
 
@@ -28,8 +30,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let store = Arc::new(Store::open(config.store_options()).await?);
-    let service = Service::new(store.clone(), config.body_limits(), config.max_bulk_docs);
+    // The hub starts empty; the writer publishes to it after each commit.
+    let hub = Hub::new(0);
+    let publisher: crate::store::Publisher = {
+        let hub = hub.clone();
+        Arc::new(move |events| hub.publish(events))
+    };
+    let store = Arc::new(Store::open(config.store_options(), publisher).await?);
+    hub.advance_to(store.last_seq().await?);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let service = Service::new(store.clone(), hub, stop.clone(), tasks.clone(), &config);
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -52,7 +63,6 @@ pub async fn run(
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(address = %local, db = %config.db.display(), durability = ?config.durability, "agsync listening");
 
-    let stop = CancellationToken::new();
     let stopping = stop.clone();
     let health_on_stop = health_reporter.clone();
     tokio::spawn(async move {
@@ -89,6 +99,14 @@ pub async fn run(
     };
     if let Err(e) = served {
         tracing::error!(error = %e, "the gRPC server failed");
+    }
+    // Subscription tasks end on `stop`; wait for them before closing the store.
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_timeout_secs, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("subscription tasks did not end in time");
     }
     store.close().await;
     tracing::info!("agsync stopped");

@@ -94,6 +94,51 @@ pub fn document(doc: domain::Document) -> pb::Document {
     }
 }
 
+pub fn notification(event: &domain::Event) -> pb::Notification {
+    pb::Notification {
+        sync_key: event.sync_key.to_string(),
+        seq: event.seq,
+        database: event
+            .database
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        id: event
+            .id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        rev: event
+            .rev
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        deleted: event.deleted,
+        attributes: event.attributes.clone().into_iter().collect(),
+    }
+}
+
+pub fn subscribe_item(item: crate::hub::Item) -> pb::SubscribeResponse {
+    use crate::hub::Item;
+    use pb::subscribe_response::Event;
+    let event = match item {
+        Item::Notification(event) => Event::Notification(notification(&event)),
+        Item::Subscribed(head_seq) => Event::Subscribed(pb::Subscribed { head_seq }),
+        Item::Progress(head_seq) => Event::Progress(pb::Progress { head_seq }),
+    };
+    pb::SubscribeResponse { event: Some(event) }
+}
+
+pub fn change(c: domain::Change) -> pb::Change {
+    pb::Change {
+        id: c.id.into_string(),
+        rev: c.rev.to_string(),
+        seq: c.seq,
+        deleted: c.deleted,
+        body: c.body.map(|b| json_to_struct(b.into_map())),
+    }
+}
+
 pub fn database(db: domain::DatabaseInfo) -> pb::Database {
     pb::Database {
         name: db.name.into_string(),

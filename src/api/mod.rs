@@ -7,30 +7,94 @@ pub mod status;
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::config::Config;
 use crate::domain::{
     Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Result, Rev, SyncKey, new_ids,
+    parse_attributes,
 };
+use crate::hub::{Hub, SubscribeOptions, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
 use crate::store::Store;
+
+/// Responses buffered between a subscription task and its gRPC stream.
+const STREAM_BUFFER: usize = 16;
 
 /// The most ids one NewId call hands out.
 pub const MAX_NEW_IDS: u32 = 1000;
 
 pub struct Service {
     store: Arc<Store>,
+    hub: Arc<Hub>,
+    /// Cancelled at shutdown: open Subscribe streams end with UNAVAILABLE.
+    shutdown: CancellationToken,
+    /// The subscription tasks, so shutdown can wait for them.
+    tasks: TaskTracker,
     body_limits: BodyLimits,
     max_bulk_docs: usize,
+    max_subscribe_keys: usize,
+    subscribe: SubscribeOptions,
+    changes_default_limit: u32,
+    changes_max_limit: u32,
 }
 
 impl Service {
-    pub fn new(store: Arc<Store>, body_limits: BodyLimits, max_bulk_docs: usize) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        config: &Config,
+    ) -> Self {
         Service {
             store,
-            body_limits,
-            max_bulk_docs,
+            hub,
+            shutdown,
+            tasks,
+            body_limits: config.body_limits(),
+            max_bulk_docs: config.max_bulk_docs,
+            max_subscribe_keys: config.max_subscribe_keys,
+            subscribe: SubscribeOptions {
+                buffer: config.subscriber_buffer,
+                progress_every: config.progress_interval_secs,
+            },
+            changes_default_limit: config.changes_default_limit,
+            changes_max_limit: config.changes_max_limit,
         }
+    }
+
+    /// The sync keys of a Subscribe: at least one, at most the limit, sorted
+    /// and without duplicates.
+    fn subscribe_keys(&self, keys: &[String]) -> Result<Vec<SyncKey>> {
+        if keys.is_empty() {
+            return Err(Error::invalid(
+                "sync_keys",
+                "at least one sync key is required (e.g. the sync_key of a database)",
+            ));
+        }
+        if keys.len() > self.max_subscribe_keys {
+            return Err(Error::invalid(
+                "sync_keys",
+                format!(
+                    "{} sync keys given; at most {} per Subscribe, open another stream for the rest",
+                    keys.len(),
+                    self.max_subscribe_keys
+                ),
+            ));
+        }
+        let mut parsed = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| SyncKey::parse(&format!("sync_keys[{i}]"), k))
+            .collect::<Result<Vec<_>>>()?;
+        parsed.sort();
+        parsed.dedup();
+        Ok(parsed)
     }
 
     /// Validates one document write (Put, a BulkPut item).
@@ -82,6 +146,7 @@ fn bulk_error_kind(e: &Error) -> &'static str {
         Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
         Error::DatabaseExists(_) => "exists",
         Error::Unavailable(_) => "unavailable",
+        Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
         Error::Storage(_) => "internal",
     }
 }
@@ -275,31 +340,86 @@ impl SyncService for Service {
 
     async fn changes(
         &self,
-        _request: Request<pb::ChangesRequest>,
+        request: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
-        Err(Status::unimplemented(
-            "Changes is not implemented yet in this server version",
-        ))
+        let req = request.into_inner();
+        let database = DbName::parse("database", &req.database)?;
+        let limit = match req.limit {
+            0 => self.changes_default_limit,
+            n if n > self.changes_max_limit => {
+                return Err(Error::invalid(
+                    "limit",
+                    format!(
+                        "{n} is over the maximum page size of {}; page with last_seq instead",
+                        self.changes_max_limit
+                    ),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let changes = self
+            .store
+            .changes(&database, req.since, limit, req.include_docs)
+            .await?;
+        let last_seq = changes.last().map_or(req.since, |c| c.seq);
+        Ok(Response::new(pb::ChangesResponse {
+            changes: changes.into_iter().map(convert::change).collect(),
+            last_seq,
+        }))
     }
 
     async fn notify(
         &self,
-        _request: Request<pb::NotifyRequest>,
+        request: Request<pb::NotifyRequest>,
     ) -> Result<Response<pb::NotifyResponse>, Status> {
-        Err(Status::unimplemented(
-            "Notify is not implemented yet in this server version",
-        ))
+        let req = request.into_inner();
+        let sync_key = SyncKey::parse("sync_key", &req.sync_key)?;
+        let aliases = Alias::parse_list("aliases", &req.aliases)?;
+        let attributes = parse_attributes("attributes", req.attributes)?;
+        let seq = self.store.notify(sync_key, aliases, attributes).await?;
+        Ok(Response::new(pb::NotifyResponse { seq }))
     }
 
-    type SubscribeStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
 
     async fn subscribe(
         &self,
-        _request: Request<pb::SubscribeRequest>,
+        request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented(
-            "Subscribe is not implemented yet in this server version",
-        ))
+        let req = request.into_inner();
+        let keys = self.subscribe_keys(&req.sync_keys)?;
+        // The one place the listener's identity is decided; with auth it will
+        // come from the credentials.
+        let alias = match req.alias.as_str() {
+            "" => None,
+            a => Some(Alias::parse("alias", a)?),
+        };
+        let mut subscription = Subscription::start(
+            &self.hub,
+            self.store.clone(),
+            keys,
+            alias,
+            req.since,
+            self.subscribe.clone(),
+            self.shutdown.clone(),
+        )
+        .await?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.tasks.spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    // The client went away: stop, unregistering from the hub.
+                    () = tx.closed() => break,
+                    item = subscription.next() => item,
+                };
+                let response = item.map(convert::subscribe_item).map_err(Status::from);
+                let last = response.is_err();
+                if tx.send(response).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -11,6 +11,7 @@ use crate::domain::Error;
 
 /// The `google.rpc.ErrorInfo` domain of agsync's errors.
 pub const ERROR_DOMAIN: &str = "agsync";
+const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
 /// The type URL of an `agsync.v1.Document` packed in a `google.protobuf.Any`.
 pub const DOCUMENT_TYPE_URL: &str = "type.googleapis.com/agsync.v1.Document";
 
@@ -42,7 +43,7 @@ impl From<Error> for Status {
                     ]),
                 };
                 let mut details = vec![prost_types::Any {
-                    type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+                    type_url: ERROR_INFO_TYPE_URL.into(),
                     value: info.encode_to_vec(),
                 }];
                 if let Some(doc) = current {
@@ -53,6 +54,22 @@ impl From<Error> for Status {
                 }
                 with_details(Code::Aborted, message, details)
             }
+            Error::SinceTooOld { since, oldest } => with_details(
+                Code::OutOfRange,
+                message,
+                vec![error_info(
+                    "SINCE_TOO_OLD",
+                    [("since", since), ("oldest_seq", oldest)],
+                )],
+            ),
+            Error::SinceAhead { since, head } => with_details(
+                Code::OutOfRange,
+                message,
+                vec![error_info(
+                    "SINCE_AHEAD",
+                    [("since", since), ("head_seq", head)],
+                )],
+            ),
             Error::Invalid { .. } => Status::invalid_argument(message),
             Error::TooLarge { .. } => Status::resource_exhausted(message),
             Error::Unavailable(_) => Status::unavailable(message),
@@ -64,6 +81,22 @@ impl From<Error> for Status {
                 )
             }
         }
+    }
+}
+
+/// A `google.rpc.ErrorInfo` with numeric metadata, packed in an `Any`.
+fn error_info<const N: usize>(reason: &str, metadata: [(&str, u64); N]) -> prost_types::Any {
+    let info = tonic_types::pb::ErrorInfo {
+        reason: reason.into(),
+        domain: ERROR_DOMAIN.into(),
+        metadata: metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_string()))
+            .collect(),
+    };
+    prost_types::Any {
+        type_url: ERROR_INFO_TYPE_URL.into(),
+        value: info.encode_to_vec(),
     }
 }
 

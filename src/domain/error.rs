@@ -45,6 +45,18 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A subscriber asked to resume from a seq whose events were pruned.
+    #[error(
+        "since={since} is older than the event log's retention (the oldest event kept is seq {oldest}); resync: Subscribe without since, then reload your data with Changes from since=0"
+    )]
+    SinceTooOld { since: u64, oldest: u64 },
+
+    /// A subscriber asked to resume from a seq the server has not reached.
+    #[error(
+        "since={since} is ahead of this server's newest event (seq {head}); the saved position belongs to another server or a lost history: resync with Subscribe without since and Changes from since=0"
+    )]
+    SinceAhead { since: u64, head: u64 },
+
     /// The service cannot take the request now (e.g. it is shutting down).
     #[error("{0}; retry shortly, or against another server")]
     Unavailable(String),

@@ -9,7 +9,7 @@ mod revision;
 
 pub use body::{Body, BodyLimits};
 pub use error::{Error, Result};
-pub use names::{Alias, DbName, DocId, SyncKey, new_ids};
+pub use names::{Alias, DbName, DocId, SyncKey, new_ids, parse_attributes};
 pub use revision::Rev;
 
 /// A live document at its current revision.
@@ -68,4 +68,24 @@ pub struct Event {
     /// Who the event is for; empty: every subscriber of the key.
     pub aliases: Vec<Alias>,
     pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+impl Event {
+    /// Whether a subscriber listening as `alias` (or as nobody) may see this
+    /// event: events without aliases are for everyone, others only for the
+    /// listed aliases.
+    pub fn is_for(&self, alias: Option<&Alias>) -> bool {
+        self.aliases.is_empty() || alias.is_some_and(|a| self.aliases.binary_search(a).is_ok())
+    }
+}
+
+/// One document in the changes feed, at its latest change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub id: DocId,
+    pub rev: Rev,
+    pub seq: u64,
+    pub deleted: bool,
+    /// The body of a live document, when asked for.
+    pub body: Option<Body>,
 }

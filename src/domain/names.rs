@@ -166,9 +166,47 @@ impl Alias {
     }
 }
 
+/// Notify attributes: at most [`MAX_ATTRIBUTES`] entries with non-empty keys,
+/// [`MAX_ATTRIBUTES_BYTES`] bytes in all.
+pub fn parse_attributes(
+    field: &str,
+    attributes: impl IntoIterator<Item = (String, String)>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let map: std::collections::BTreeMap<String, String> = attributes.into_iter().collect();
+    if map.len() > MAX_ATTRIBUTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} attributes given; at most {MAX_ATTRIBUTES} are allowed",
+                map.len()
+            ),
+        ));
+    }
+    if map.contains_key("") {
+        return Err(Error::invalid(field, "attribute keys must not be empty"));
+    }
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_ATTRIBUTES_BYTES {
+        return Err(Error::TooLarge {
+            what: field.to_owned(),
+            size: bytes,
+            limit: MAX_ATTRIBUTES_BYTES,
+        });
+    }
+    Ok(map)
+}
+
+/// The most attributes one Notify may carry.
+pub const MAX_ATTRIBUTES: usize = 256;
+/// The most bytes (keys plus values) of one Notify's attributes.
+pub const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
+
 fn printable_token(field: &str, what: &str, s: &str, max: usize) -> Result<()> {
     if s.is_empty() {
-        return Err(Error::invalid(field, format!("a {what} is required")));
+        return Err(Error::invalid(
+            field,
+            format!("the {what} must not be empty"),
+        ));
     }
     if s.len() > max {
         return Err(Error::invalid(

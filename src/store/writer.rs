@@ -2,70 +2,82 @@
 //! request queued on its channel (up to `max_batch`) and commits them in one
 //! transaction, so N concurrent writers pay for one fsync, not N (group
 //! commit). Each request runs inside its own savepoint, so a storage failure
-//! in one request undoes only that request. Replies are sent only after the
-//! commit succeeded: nothing is acknowledged before it is durable.
+//! in one request undoes only that request. Replies are sent, and events
+//! published, only after the commit succeeded: nothing is acknowledged or
+//! announced before it is durable.
 //!
-//! Invariant: seqs are assigned here, in commit order, from `last_seq`, and
-//! `counters.last_seq` is written in the same transaction.
+//! Invariants: seqs are assigned here, in commit order, from `last_seq`, and
+//! `counters.last_seq` is written in the same transaction; events are
+//! published in seq order, one batch after another.
 
+use std::collections::BTreeMap;
+
+use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{parse_stored_rev, to_i64, to_u64};
+use super::{Publisher, parse_stored_rev, to_i64, to_u64};
 use crate::domain::{
-    Body, DatabaseInfo, DbName, DocChange, DocWrite, Document, Error, Result, Rev, SyncKey,
-    WriteOutcome,
+    Alias, Body, DatabaseInfo, DbName, DocChange, DocWrite, Document, Error, Event, Result, Rev,
+    SyncKey, WriteOutcome,
 };
 
-pub(super) enum Command {
+/// What the writer is asked to do.
+pub(super) enum Op {
     CreateDatabase {
         name: DbName,
         sync_key: SyncKey,
-        reply: oneshot::Sender<Result<DatabaseInfo>>,
     },
     DeleteDatabase {
         name: DbName,
-        reply: oneshot::Sender<Result<()>>,
     },
     Write {
         database: DbName,
         writes: Vec<DocWrite>,
-        reply: oneshot::Sender<Result<Vec<Result<WriteOutcome>>>>,
     },
-    Shutdown {
-        reply: oneshot::Sender<()>,
+    Notify {
+        sync_key: SyncKey,
+        aliases: Vec<Alias>,
+        attributes: BTreeMap<String, String>,
     },
 }
 
-/// A command's result, waiting for the batch to commit.
-enum Pending {
-    Database(oneshot::Sender<Result<DatabaseInfo>>, Result<DatabaseInfo>),
-    Deleted(oneshot::Sender<Result<()>>, Result<()>),
-    Written(
-        oneshot::Sender<Result<Vec<Result<WriteOutcome>>>>,
-        Result<Vec<Result<WriteOutcome>>>,
-    ),
+/// What an `Op` produced.
+pub(super) enum Outcome {
+    Database(DatabaseInfo),
+    Deleted,
+    Written(Vec<Result<WriteOutcome>>),
+    Notified(u64),
 }
 
-impl Pending {
-    /// Sends the result, or `err()` instead if the batch failed to commit.
-    fn send(self, failed: Option<&dyn Fn() -> Error>) {
-        // A caller that went away (cancelled RPC) no longer needs the reply;
-        // the write itself is committed either way.
-        match self {
-            Pending::Database(tx, r) => drop(tx.send(failed.map_or(r, |f| Err(f())))),
-            Pending::Deleted(tx, r) => drop(tx.send(failed.map_or(r, |f| Err(f())))),
-            Pending::Written(tx, r) => drop(tx.send(failed.map_or(r, |f| Err(f())))),
-        }
-    }
+pub(super) enum Command {
+    Run {
+        op: Op,
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
+    /// Commit what is queued, checkpoint, close, then answer.
+    Shutdown { reply: oneshot::Sender<()> },
 }
+
+/// Retention of the event log.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Retention {
+    /// Keep the newest this many events.
+    pub keep: u64,
+    /// Events deleted so far: every seq up to this one.
+    pub pruned_through: u64,
+}
+
+/// Most events deleted in one batch, so pruning never stalls writers.
+const PRUNE_CHUNK: u64 = 10_000;
 
 pub(super) struct Writer {
     conn: SqliteConnection,
     rx: mpsc::Receiver<Command>,
     last_seq: u64,
     max_batch: usize,
+    retention: Retention,
+    publish: Publisher,
 }
 
 struct DbRow {
@@ -74,18 +86,28 @@ struct DbRow {
     sync_key: SyncKey,
 }
 
+/// The current state of a document, as the writer checks revisions.
+struct Current {
+    rev: Rev,
+    deleted: bool,
+}
+
 impl Writer {
     pub(super) fn new(
         conn: SqliteConnection,
         rx: mpsc::Receiver<Command>,
         last_seq: u64,
         max_batch: usize,
+        retention: Retention,
+        publish: Publisher,
     ) -> Self {
         Writer {
             conn,
             rx,
             last_seq,
             max_batch,
+            retention,
+            publish,
         }
     }
 
@@ -97,7 +119,6 @@ impl Writer {
                 // Commit what was queued before the shutdown, then stop.
                 while batch.len() < self.max_batch {
                     match self.rx.try_recv() {
-                        Ok(Command::Shutdown { reply }) => drop(reply.send(())),
                         Ok(cmd) => batch.push(cmd),
                         Err(_) => break,
                     }
@@ -105,24 +126,24 @@ impl Writer {
                 if batch.is_empty() {
                     break;
                 }
-            } else {
-                let received = self.rx.recv_many(&mut batch, self.max_batch).await;
-                if received == 0 {
-                    break;
-                }
+            } else if self.rx.recv_many(&mut batch, self.max_batch).await == 0 {
+                break;
             }
-            let mut commands = Vec::with_capacity(batch.len());
+            let mut ops = Vec::with_capacity(batch.len());
             for cmd in batch.drain(..) {
                 match cmd {
+                    Command::Run { op, reply } => ops.push((op, reply)),
                     Command::Shutdown { reply } => {
+                        // Refuse new commands; queued ones are still drained.
                         self.rx.close();
-                        shutdown.get_or_insert(reply);
+                        if let Some(earlier) = shutdown.replace(reply) {
+                            let _ = earlier.send(());
+                        }
                     }
-                    other => commands.push(other),
                 }
             }
-            if !commands.is_empty() {
-                self.commit_batch(commands).await;
+            if !ops.is_empty() {
+                self.commit_batch(ops).await;
             }
         }
         self.checkpoint_and_close().await;
@@ -131,50 +152,77 @@ impl Writer {
         }
     }
 
-    async fn commit_batch(&mut self, commands: Vec<Command>) {
-        let seq_before = self.last_seq;
-        let mut pending = Vec::with_capacity(commands.len());
-        match self.run_batch(commands, &mut pending, seq_before).await {
-            Ok(()) => pending.into_iter().for_each(|p| p.send(None)),
+    async fn commit_batch(&mut self, ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>) {
+        let before = (self.last_seq, self.retention);
+        let mut results = Vec::with_capacity(ops.len());
+        let mut events = Vec::new();
+        match self.run_batch(ops, &mut results, &mut events).await {
+            Ok(()) => {
+                if !events.is_empty() {
+                    (self.publish)(&events);
+                }
+                // A caller that went away (cancelled RPC) no longer needs the
+                // reply; the write is committed either way.
+                for (reply, result) in results {
+                    let _ = reply.send(result);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; the whole batch is rolled back");
                 if let Err(e) = execute(&mut self.conn, "ROLLBACK").await {
                     tracing::error!(error = %e, "rollback failed");
                 }
-                self.last_seq = seq_before;
-                let failed = || Error::Storage("the transaction failed to commit".into());
-                pending.into_iter().for_each(|p| p.send(Some(&failed)));
+                (self.last_seq, self.retention) = before;
+                for (reply, _) in results {
+                    let _ = reply.send(Err(Error::Storage(
+                        "the transaction failed to commit".into(),
+                    )));
+                }
             }
         }
     }
 
     async fn run_batch(
         &mut self,
-        commands: Vec<Command>,
-        pending: &mut Vec<Pending>,
-        seq_before: u64,
+        ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>,
+        results: &mut Vec<(oneshot::Sender<Result<Outcome>>, Result<Outcome>)>,
+        events: &mut Vec<Event>,
     ) -> Result<()> {
+        let seq_before = self.last_seq;
         execute(&mut self.conn, "BEGIN").await?;
-        for cmd in commands {
-            pending.push(apply(&mut self.conn, &mut self.last_seq, cmd).await);
+        for (op, reply) in ops {
+            let result = apply(&mut self.conn, &mut self.last_seq, events, op).await;
+            results.push((reply, result));
         }
         if self.last_seq != seq_before {
             sqlx::query("UPDATE counters SET value = ?1 WHERE name = 'last_seq'")
                 .bind(to_i64(self.last_seq))
                 .execute(&mut self.conn)
                 .await?;
+            self.prune().await?;
         }
         execute(&mut self.conn, "COMMIT").await
     }
 
-    fn fail(cmd: Command, e: Error) -> Pending {
-        tracing::error!(error = %e, "could not start a savepoint");
-        match cmd {
-            Command::CreateDatabase { reply, .. } => Pending::Database(reply, Err(e)),
-            Command::DeleteDatabase { reply, .. } => Pending::Deleted(reply, Err(e)),
-            Command::Write { reply, .. } => Pending::Written(reply, Err(e)),
-            Command::Shutdown { .. } => unreachable!("filtered out by run()"),
+    /// Deletes events beyond the retention, at most `PRUNE_CHUNK` per batch.
+    async fn prune(&mut self) -> Result<()> {
+        let Some(target) = self.last_seq.checked_sub(self.retention.keep) else {
+            return Ok(());
+        };
+        if target <= self.retention.pruned_through {
+            return Ok(());
         }
+        let through = target.min(self.retention.pruned_through + PRUNE_CHUNK);
+        sqlx::query("DELETE FROM events WHERE seq <= ?1")
+            .bind(to_i64(through))
+            .execute(&mut self.conn)
+            .await?;
+        sqlx::query("UPDATE counters SET value = ?1 WHERE name = 'pruned_through'")
+            .bind(to_i64(through))
+            .execute(&mut self.conn)
+            .await?;
+        self.retention.pruned_through = through;
+        Ok(())
     }
 
     async fn checkpoint_and_close(self) {
@@ -185,75 +233,69 @@ impl Writer {
         {
             tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
         }
-        if let Err(e) = conn.close().await {
+        if let Err(e) = sqlx::Connection::close(conn).await {
             tracing::warn!(error = %e, "closing the write connection failed");
         }
     }
 }
 
-impl Pending {
-    /// The same reply, answering a storage failure (the command was rolled back).
-    fn into_failed(self) -> Pending {
-        let err = || Error::Storage("the write was rolled back".into());
-        match self {
-            Pending::Database(tx, _) => Pending::Database(tx, Err(err())),
-            Pending::Deleted(tx, _) => Pending::Deleted(tx, Err(err())),
-            Pending::Written(tx, _) => Pending::Written(tx, Err(err())),
-        }
-    }
-}
-
-/// Runs one command inside a savepoint; its storage failure rolls back just
-/// this command (and its seqs).
-async fn apply(conn: &mut SqliteConnection, last_seq: &mut u64, cmd: Command) -> Pending {
-    let seq_before = *last_seq;
-    if let Err(e) = execute(conn, "SAVEPOINT command").await {
-        return Writer::fail(cmd, e);
-    }
-    let pending = match cmd {
-        Command::CreateDatabase {
-            name,
+/// Runs one op inside a savepoint. A storage failure rolls back just this op,
+/// its seqs and its events, and answers it with the error.
+async fn apply(
+    conn: &mut SqliteConnection,
+    last_seq: &mut u64,
+    events: &mut Vec<Event>,
+    op: Op,
+) -> Result<Outcome> {
+    let (seq_before, events_before) = (*last_seq, events.len());
+    execute(conn, "SAVEPOINT op").await?;
+    let result = match op {
+        Op::CreateDatabase { name, sync_key } => create_database(conn, name, sync_key)
+            .await
+            .map(Outcome::Database),
+        Op::DeleteDatabase { name } => delete_database(conn, &name)
+            .await
+            .map(|()| Outcome::Deleted),
+        Op::Write { database, writes } => write_docs(conn, last_seq, events, &database, writes)
+            .await
+            .map(Outcome::Written),
+        Op::Notify {
             sync_key,
-            reply,
-        } => Pending::Database(reply, create_database(conn, name, sync_key).await),
-        Command::DeleteDatabase { name, reply } => {
-            Pending::Deleted(reply, delete_database(conn, &name).await)
+            aliases,
+            attributes,
+        } => {
+            *last_seq += 1;
+            let event = Event {
+                seq: *last_seq,
+                sync_key,
+                database: None,
+                id: None,
+                rev: None,
+                deleted: false,
+                aliases,
+                attributes,
+            };
+            insert_event(conn, &event).await.map(|()| {
+                events.push(event);
+                Outcome::Notified(*last_seq)
+            })
         }
-        Command::Write {
-            database,
-            writes,
-            reply,
-        } => Pending::Written(reply, write_docs(conn, last_seq, &database, writes).await),
-        Command::Shutdown { .. } => unreachable!("filtered out by run()"),
     };
-    let storage_failed = match &pending {
-        Pending::Database(_, r) => matches!(r, Err(Error::Storage(_))),
-        Pending::Deleted(_, r) => matches!(r, Err(Error::Storage(_))),
-        Pending::Written(_, r) => {
-            matches!(r, Err(Error::Storage(_)))
-                || r.as_ref()
-                    .is_ok_and(|v| v.iter().any(|item| matches!(item, Err(Error::Storage(_)))))
-        }
+    let storage_failed = match &result {
+        Err(Error::Storage(_)) => true,
+        Ok(Outcome::Written(items)) => items.iter().any(|i| matches!(i, Err(Error::Storage(_)))),
+        _ => false,
     };
-    let finished = if storage_failed {
-        // ROLLBACK TO undoes the command; RELEASE then ends the savepoint.
-        match execute(conn, "ROLLBACK TO command").await {
-            Ok(()) => execute(conn, "RELEASE command").await,
-            Err(e) => Err(e),
-        }
-    } else {
-        execute(conn, "RELEASE command").await
-    };
-    match (storage_failed, finished) {
-        (false, Ok(())) => pending,
-        (_, finished) => {
-            *last_seq = seq_before;
-            if let Err(e) = finished {
-                tracing::error!(error = %e, "savepoint failed");
-            }
-            pending.into_failed()
-        }
+    if storage_failed {
+        *last_seq = seq_before;
+        events.truncate(events_before);
+        // ROLLBACK TO undoes the op; RELEASE then ends the savepoint.
+        execute(conn, "ROLLBACK TO op").await?;
+        execute(conn, "RELEASE op").await?;
+        return Err(Error::Storage("the write was rolled back".into()));
     }
+    execute(conn, "RELEASE op").await?;
+    result
 }
 
 /// Runs a statement that returns nothing (transaction control).
@@ -315,6 +357,7 @@ async fn delete_database(conn: &mut SqliteConnection, name: &DbName) -> Result<(
 async fn write_docs(
     conn: &mut SqliteConnection,
     last_seq: &mut u64,
+    events: &mut Vec<Event>,
     database: &DbName,
     writes: Vec<DocWrite>,
 ) -> Result<Vec<Result<WriteOutcome>>> {
@@ -323,15 +366,15 @@ async fn write_docs(
     let mut live_delta: i64 = 0;
     let seq_before = *last_seq;
     for write in writes {
-        let result = write_doc(conn, last_seq, &db, write).await;
-        if let Ok((_, delta)) = &result {
-            live_delta += delta;
-        }
-        let failed_in_storage = matches!(result, Err(Error::Storage(_)));
-        results.push(result.map(|(outcome, _)| outcome));
-        if failed_in_storage {
-            // The savepoint around this command is rolled back by the caller.
-            return Ok(results);
+        match write_doc(conn, last_seq, &db, write).await {
+            Ok((outcome, delta, event)) => {
+                live_delta += delta;
+                events.push(event);
+                results.push(Ok(outcome));
+            }
+            // The savepoint around this op is rolled back by `apply`.
+            Err(e @ Error::Storage(_)) => return Err(e),
+            Err(e) => results.push(Err(e)),
         }
     }
     if *last_seq != seq_before {
@@ -348,47 +391,39 @@ async fn write_docs(
 }
 
 /// One document write: checks the revision, stores the new one and logs the
-/// event. Returns the outcome and the change in live documents (-1, 0, 1).
+/// event. Returns the outcome, the change in live documents (-1, 0, 1) and
+/// the event to publish after commit.
 async fn write_doc(
     conn: &mut SqliteConnection,
     last_seq: &mut u64,
     db: &DbRow,
     write: DocWrite,
-) -> Result<(WriteOutcome, i64)> {
+) -> Result<(WriteOutcome, i64, Event)> {
     let current = sqlx::query("SELECT rev, deleted FROM docs WHERE db_id = ?1 AND id = ?2")
         .bind(db.id)
         .bind(write.id.as_str())
         .fetch_optional(&mut *conn)
         .await?;
-    let current: Option<(Rev, bool)> = match current {
-        Some(row) => Some((
-            parse_stored_rev(row.try_get("rev")?)?,
-            row.try_get("deleted")?,
-        )),
+    let current = match current {
+        Some(row) => Some(Current {
+            rev: parse_stored_rev(row.try_get("rev")?)?,
+            deleted: row.try_get("deleted")?,
+        }),
         None => None,
     };
+    let names_current = |c: &Current| write.rev.as_ref() == Some(&c.rev);
     let (parent, delta) = match (&write.change, current) {
         // Create: nothing there yet.
         (DocChange::Put(_), None) if write.rev.is_none() => (None, 1),
         // Update of a live document naming its current revision.
-        (DocChange::Put(_), Some((cur, false))) if write.rev.as_ref() == Some(&cur) => {
-            (Some(cur), 0)
-        }
+        (DocChange::Put(_), Some(c)) if !c.deleted && names_current(&c) => (Some(c.rev), 0),
         // Recreate over a tombstone: its generation continues.
-        (DocChange::Put(_), Some((cur, true)))
-            if write.rev.is_none() || write.rev.as_ref() == Some(&cur) =>
-        {
-            (Some(cur), 1)
+        (DocChange::Put(_), Some(c)) if c.deleted && (write.rev.is_none() || names_current(&c)) => {
+            (Some(c.rev), 1)
         }
-        (DocChange::Delete, None | Some((_, true))) => {
-            return Err(Error::DocumentNotFound {
-                database: db.name.to_string(),
-                id: write.id.to_string(),
-            });
-        }
-        (DocChange::Delete, Some((cur, false))) if write.rev.as_ref() == Some(&cur) => {
-            (Some(cur), -1)
-        }
+        (DocChange::Delete, None) => return Err(not_found(db, &write)),
+        (DocChange::Delete, Some(c)) if c.deleted => return Err(not_found(db, &write)),
+        (DocChange::Delete, Some(c)) if names_current(&c) => (Some(c.rev), -1),
         (_, current) => return Err(conflict(conn, db, write, current).await),
     };
     let (deleted, body) = match write.change {
@@ -397,8 +432,6 @@ async fn write_doc(
     };
     let rev = Rev::next(parent.as_ref(), deleted, &body);
     *last_seq += 1;
-    let seq = to_i64(*last_seq);
-    let rev_str = rev.to_string();
     sqlx::query(
         "INSERT INTO docs (db_id, id, rev, deleted, body, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (db_id, id) DO UPDATE
@@ -406,36 +439,61 @@ async fn write_doc(
     )
     .bind(db.id)
     .bind(write.id.as_str())
-    .bind(&rev_str)
+    .bind(rev.to_string())
     .bind(deleted)
     .bind(body.canonical_json())
-    .bind(seq)
+    .bind(to_i64(*last_seq))
     .execute(&mut *conn)
     .await?;
+    let event = Event {
+        seq: *last_seq,
+        sync_key: db.sync_key.clone(),
+        database: Some(db.name.clone()),
+        id: Some(write.id.clone()),
+        rev: Some(rev.clone()),
+        deleted,
+        aliases: write.aliases,
+        attributes: BTreeMap::new(),
+    };
+    insert_event(conn, &event).await?;
+    let outcome = WriteOutcome {
+        id: write.id,
+        rev,
+        seq: *last_seq,
+    };
+    Ok((outcome, delta, event))
+}
+
+async fn insert_event(conn: &mut SqliteConnection, event: &Event) -> Result<()> {
     let aliases =
-        serde_json::to_string(&write.aliases.iter().map(|a| a.as_str()).collect::<Vec<_>>())
-            .map_err(|e| Error::Storage(Box::new(e)))?;
+        serde_json::Value::from(event.aliases.iter().map(Alias::as_str).collect::<Vec<_>>());
+    let attributes: serde_json::Map<String, serde_json::Value> = event
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+        .collect();
     sqlx::query(
-        "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
-    .bind(seq)
-    .bind(db.sync_key.as_str())
-    .bind(db.name.as_str())
-    .bind(write.id.as_str())
-    .bind(&rev_str)
-    .bind(deleted)
-    .bind(aliases)
+    .bind(to_i64(event.seq))
+    .bind(event.sync_key.as_str())
+    .bind(event.database.as_ref().map_or("", DbName::as_str))
+    .bind(event.id.as_ref().map_or("", crate::domain::DocId::as_str))
+    .bind(event.rev.as_ref().map(Rev::to_string).unwrap_or_default())
+    .bind(event.deleted)
+    .bind(aliases.to_string())
+    .bind(serde_json::Value::Object(attributes).to_string())
     .execute(&mut *conn)
     .await?;
-    Ok((
-        WriteOutcome {
-            id: write.id,
-            rev,
-            seq: *last_seq,
-        },
-        delta,
-    ))
+    Ok(())
+}
+
+fn not_found(db: &DbRow, write: &DocWrite) -> Error {
+    Error::DocumentNotFound {
+        database: db.name.to_string(),
+        id: write.id.to_string(),
+    }
 }
 
 /// The conflict error for `write`, carrying the current document if it is live.
@@ -443,42 +501,39 @@ async fn conflict(
     conn: &mut SqliteConnection,
     db: &DbRow,
     write: DocWrite,
-    current: Option<(Rev, bool)>,
+    current: Option<Current>,
 ) -> Error {
     let current_doc = match &current {
-        Some((rev, false)) => {
-            match sqlx::query("SELECT body, seq FROM docs WHERE db_id = ?1 AND id = ?2")
-                .bind(db.id)
-                .bind(write.id.as_str())
-                .fetch_one(&mut *conn)
-                .await
-            {
-                Ok(row) => {
-                    let body = row
-                        .try_get("body")
-                        .map_err(Error::from)
-                        .and_then(Body::from_canonical_json);
-                    let seq: Result<i64> = row.try_get("seq").map_err(Error::from);
-                    match (body, seq) {
-                        (Ok(body), Ok(seq)) => Some(Box::new(Document {
-                            id: write.id.clone(),
-                            rev: rev.clone(),
-                            body,
-                            seq: to_u64(seq),
-                        })),
-                        (Err(e), _) | (_, Err(e)) => return e,
-                    }
-                }
-                Err(e) => return e.into(),
-            }
-        }
+        Some(c) if !c.deleted => match read_live_doc(conn, db, &write, &c.rev).await {
+            Ok(doc) => Some(Box::new(doc)),
+            Err(e) => return e,
+        },
         _ => None,
     };
     Error::Conflict {
         database: db.name.to_string(),
         id: write.id,
         sent_rev: write.rev,
-        current_rev: current.map(|(rev, _)| rev),
+        current_rev: current.map(|c| c.rev),
         current: current_doc,
     }
+}
+
+async fn read_live_doc(
+    conn: &mut SqliteConnection,
+    db: &DbRow,
+    write: &DocWrite,
+    rev: &Rev,
+) -> Result<Document> {
+    let row = sqlx::query("SELECT body, seq FROM docs WHERE db_id = ?1 AND id = ?2")
+        .bind(db.id)
+        .bind(write.id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Document {
+        id: write.id.clone(),
+        rev: rev.clone(),
+        body: Body::from_canonical_json(row.try_get("body")?)?,
+        seq: to_u64(row.try_get("seq")?),
+    })
 }

@@ -306,3 +306,70 @@ pub fn conflict_details(status: &Status) -> ConflictDetails {
 pub fn generation(rev: &str) -> u64 {
     rev.split('-').next().unwrap().parse().unwrap()
 }
+
+pub type Events = tonic::Streaming<pb::SubscribeResponse>;
+
+/// Opens a Subscribe stream.
+pub async fn subscribe(
+    client: &mut Client,
+    keys: &[&str],
+    since: Option<u64>,
+    alias: &str,
+) -> Result<Events, Status> {
+    client
+        .subscribe(pb::SubscribeRequest {
+            sync_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            since,
+            alias: alias.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The next event of a stream, waiting at most 10 s.
+pub async fn next_event(stream: &mut Events) -> pb::subscribe_response::Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream ok")
+        .expect("stream not ended")
+        .event
+        .expect("event set")
+}
+
+/// The next event, which must be a notification.
+pub async fn next_notification(stream: &mut Events) -> pb::Notification {
+    match next_event(stream).await {
+        pb::subscribe_response::Event::Notification(n) => n,
+        other => panic!("expected a notification, got {other:?}"),
+    }
+}
+
+/// The next event, which must be `subscribed`; returns its head_seq.
+pub async fn next_subscribed(stream: &mut Events) -> u64 {
+    match next_event(stream).await {
+        pb::subscribe_response::Event::Subscribed(s) => s.head_seq,
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+pub async fn notify(
+    client: &mut Client,
+    key: &str,
+    aliases: &[&str],
+    attrs: &[(&str, &str)],
+) -> u64 {
+    client
+        .notify(pb::NotifyRequest {
+            sync_key: key.into(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })
+        .await
+        .expect("notify")
+        .into_inner()
+        .seq
+}

@@ -7,3 +7,4 @@ mod databases;
 mod documents;
 mod durability;
 mod server;
+mod sync;

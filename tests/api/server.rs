@@ -1,6 +1,5 @@
 use std::time::Duration;
 
-use agsync::pb::{ChangesRequest, NotifyRequest, SubscribeRequest};
 use serde_json::json;
 use tonic::Code;
 use tonic_health::pb::{
@@ -72,39 +71,6 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
         panic!("expected file descriptors")
     };
     assert!(!files.file_descriptor_proto.is_empty());
-}
-
-#[tokio::test]
-async fn sync_rpcs_answer_unimplemented_for_now() {
-    let srv = TestServer::start().await;
-    let mut c = srv.client.clone();
-    assert_status(
-        c.changes(ChangesRequest {
-            database: "db".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::Unimplemented,
-        "Changes is not implemented",
-    );
-    assert_status(
-        c.notify(NotifyRequest {
-            sync_key: "k".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::Unimplemented,
-        "Notify is not implemented",
-    );
-    assert_status(
-        c.subscribe(SubscribeRequest {
-            sync_keys: vec!["k".into()],
-            ..Default::default()
-        })
-        .await,
-        Code::Unimplemented,
-        "Subscribe is not implemented",
-    );
 }
 
 /// Writes in flight when shutdown starts either complete (and are then

@@ -1,0 +1,373 @@
+//! Fan-out of committed events to live subscribers, and each subscriber's
+//! catch-up from the durable log. The writer calls [`Hub::publish`] after each
+//! commit, in seq order; publishing never blocks: each subscriber has a
+//! bounded buffer, and one that is full is flagged "overflowed" and skipped.
+//! An overflowed subscriber re-reads the log from the last seq it delivered,
+//! so a slow subscriber costs bounded memory, never slows anyone else, and
+//! still gets every event, in order. Must not: block in `publish`, or hold
+//! the registry lock across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Alias, Error, Event, Result, SyncKey};
+use crate::store::Store;
+
+/// Events read from the log per query while replaying or catching up.
+const REPLAY_PAGE: u32 = 1000;
+
+/// The registry of live subscribers, by sync key.
+pub struct Hub {
+    /// Held only to register, unregister and publish; never across `.await`.
+    registry: Mutex<Registry>,
+    /// The highest seq published (all events up to it were handed out).
+    head: AtomicU64,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    by_key: HashMap<SyncKey, HashMap<u64, Arc<Slot>>>,
+}
+
+/// One subscriber as the publisher sees it.
+struct Slot {
+    alias: Option<Alias>,
+    tx: mpsc::Sender<Arc<Event>>,
+    /// Set by the publisher when `tx` was full and an event was skipped; the
+    /// subscriber clears it and catches up from the log.
+    overflowed: AtomicBool,
+    /// Wakes the subscriber when `overflowed` is set.
+    wake: Notify,
+}
+
+impl Hub {
+    /// A hub whose head starts at `head` (see [`Hub::advance_to`]).
+    pub fn new(head: u64) -> Arc<Hub> {
+        Arc::new(Hub {
+            registry: Mutex::new(Registry::default()),
+            head: AtomicU64::new(head),
+        })
+    }
+
+    /// Raises the head to `seq` (at startup, to the store's last seq).
+    pub fn advance_to(&self, seq: u64) {
+        self.head.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The highest seq published so far.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding the lock leaves the registry consistent (every
+        // mutation is a single insert/remove), so poisoning is ignored.
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands committed events, in seq order, to the subscribers of their keys.
+    /// Never blocks.
+    pub fn publish(&self, events: &[Event]) {
+        let registry = self.registry();
+        for event in events {
+            if let Some(slots) = registry.by_key.get(&event.sync_key) {
+                let shared = Arc::new(event.clone());
+                for slot in slots.values() {
+                    if !event.is_for(slot.alias.as_ref()) || slot.overflowed.load(Ordering::Acquire)
+                    {
+                        continue;
+                    }
+                    if let Err(mpsc::error::TrySendError::Full(_)) =
+                        slot.tx.try_send(shared.clone())
+                    {
+                        slot.overflowed.store(true, Ordering::Release);
+                        slot.wake.notify_one();
+                    }
+                }
+            }
+            // After the sends: a subscriber that sees this head and an empty
+            // buffer has been handed every event up to it.
+            self.head.fetch_max(event.seq, Ordering::AcqRel);
+        }
+    }
+
+    /// Registers a subscriber; returns its handle and the head at that moment
+    /// (every later event reaches the handle's buffer or sets its overflow).
+    fn register(
+        self: &Arc<Self>,
+        keys: &[SyncKey],
+        alias: Option<Alias>,
+        buffer: usize,
+    ) -> (Registration, u64) {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let slot = Arc::new(Slot {
+            alias,
+            tx,
+            overflowed: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let mut registry = self.registry();
+        registry.next_id += 1;
+        let id = registry.next_id;
+        for key in keys {
+            registry
+                .by_key
+                .entry(key.clone())
+                .or_default()
+                .insert(id, slot.clone());
+        }
+        let head = self.head();
+        drop(registry);
+        let registration = Registration {
+            hub: self.clone(),
+            id,
+            keys: keys.to_vec(),
+            slot,
+            rx,
+        };
+        (registration, head)
+    }
+
+    /// How many subscriptions are registered (for tests and metrics).
+    pub fn subscriber_count(&self) -> usize {
+        let registry = self.registry();
+        let mut ids: Vec<u64> = registry
+            .by_key
+            .values()
+            .flat_map(|slots| slots.keys().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
+    /// How many sync keys have at least one subscriber.
+    pub fn key_count(&self) -> usize {
+        self.registry().by_key.len()
+    }
+}
+
+/// A subscriber's place in the hub; unregisters on drop, removing keys that
+/// nobody listens to any more.
+struct Registration {
+    hub: Arc<Hub>,
+    id: u64,
+    keys: Vec<SyncKey>,
+    slot: Arc<Slot>,
+    rx: mpsc::Receiver<Arc<Event>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut registry = self.hub.registry();
+        for key in &self.keys {
+            if let Some(slots) = registry.by_key.get_mut(key) {
+                slots.remove(&self.id);
+                if slots.is_empty() {
+                    registry.by_key.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// What a subscription yields, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Notification(Arc<Event>),
+    /// Replay (if any) is over: live from here; everything up to the seq has
+    /// been delivered.
+    Subscribed(u64),
+    /// Nothing for this subscription up to the seq.
+    Progress(u64),
+}
+
+/// Settings of one subscription.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Events buffered for the subscriber before it catches up from the log.
+    pub buffer: usize,
+    /// Idle time before a `Progress` item.
+    pub progress_every: Duration,
+}
+
+enum Mode {
+    /// Reading the log after `last`; `announce` sends `Subscribed` at the end.
+    Replay {
+        announce: bool,
+    },
+    Live,
+}
+
+/// One subscriber's stream of items: replay from the log, then live events,
+/// catching up from the log whenever its buffer overflowed. Invariant: items
+/// come in seq order, each event at most once (`last` dedupes the hand-over).
+pub struct Subscription {
+    registration: Registration,
+    store: Arc<Store>,
+    keys: Vec<SyncKey>,
+    alias: Option<Alias>,
+    /// Every event up to this seq has been delivered or did not concern us.
+    last: u64,
+    replay: VecDeque<Event>,
+    mode: Mode,
+    /// A `Subscribed` to send before anything else (live-only start).
+    pending_subscribed: Option<u64>,
+    progress_every: Duration,
+    idle_deadline: Instant,
+    shutdown: CancellationToken,
+}
+
+impl Subscription {
+    /// Registers for `keys` and, with `since`, checks it is still replayable
+    /// (so a bad `since` fails the call instead of the stream).
+    pub async fn start(
+        hub: &Arc<Hub>,
+        store: Arc<Store>,
+        keys: Vec<SyncKey>,
+        alias: Option<Alias>,
+        since: Option<u64>,
+        options: SubscribeOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Subscription> {
+        // Register before reading the log: no event can fall between the two.
+        let (registration, head) = hub.register(&keys, alias.clone(), options.buffer);
+        let mut sub = Subscription {
+            registration,
+            store,
+            keys,
+            alias,
+            last: head,
+            replay: VecDeque::new(),
+            mode: Mode::Live,
+            pending_subscribed: Some(head),
+            progress_every: options.progress_every,
+            idle_deadline: Instant::now() + options.progress_every,
+            shutdown,
+        };
+        if let Some(since) = since {
+            sub.last = since;
+            sub.pending_subscribed = None;
+            sub.mode = Mode::Replay { announce: true };
+            let page = sub.read_page().await?;
+            if since > page.head {
+                return Err(Error::SinceAhead {
+                    since,
+                    head: page.head,
+                });
+            }
+            sub.replay.extend(page.events);
+        }
+        Ok(sub)
+    }
+
+    async fn read_page(&self) -> Result<crate::store::EventPage> {
+        let page = self
+            .store
+            .read_events(&self.keys, self.last, REPLAY_PAGE)
+            .await?;
+        if self.last < page.pruned_through {
+            return Err(Error::SinceTooOld {
+                since: self.last,
+                oldest: page.pruned_through + 1,
+            });
+        }
+        Ok(page)
+    }
+
+    /// The next item. Errors end the stream: `Unavailable` at shutdown,
+    /// `SinceTooOld` if the subscriber fell behind the log's retention.
+    pub async fn next(&mut self) -> Result<Item> {
+        if let Some(head) = self.pending_subscribed.take() {
+            return Ok(Item::Subscribed(head));
+        }
+        loop {
+            if let Some(event) = self.replay.pop_front() {
+                self.last = event.seq;
+                if event.is_for(self.alias.as_ref()) {
+                    self.idle_deadline = Instant::now() + self.progress_every;
+                    return Ok(Item::Notification(Arc::new(event)));
+                }
+                continue;
+            }
+            if let Mode::Replay { announce } = self.mode {
+                let page = self.read_page().await?;
+                if page.events.is_empty() {
+                    // The log is read up to its head as of that snapshot.
+                    self.last = self.last.max(page.head);
+                    self.mode = Mode::Live;
+                    self.idle_deadline = Instant::now() + self.progress_every;
+                    if announce {
+                        return Ok(Item::Subscribed(self.last));
+                    }
+                } else {
+                    self.replay.extend(page.events);
+                }
+                continue;
+            }
+            if let Some(item) = self.next_live().await? {
+                return Ok(item);
+            }
+        }
+    }
+
+    /// One step of live mode: an item, or `None` to loop (switched to catch-up
+    /// or skipped a duplicate).
+    async fn next_live(&mut self) -> Result<Option<Item>> {
+        let slot = self.registration.slot.clone();
+        let event = match self.registration.rx.try_recv() {
+            Ok(event) => event,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if slot.overflowed.swap(false, Ordering::AcqRel) {
+                    // Events were skipped after the buffer's last one: read
+                    // them from the log. New ones flow into the buffer again.
+                    self.mode = Mode::Replay { announce: false };
+                    return Ok(None);
+                }
+                tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => {
+                        return Err(Error::Unavailable(format!(
+                            "the server is shutting down; subscribe again with since={}",
+                            self.last
+                        )));
+                    }
+                    received = self.registration.rx.recv() => match received {
+                        Some(event) => event,
+                        None => return Err(Error::Unavailable("the subscription was closed".into())),
+                    },
+                    () = slot.wake.notified() => return Ok(None),
+                    () = tokio::time::sleep_until(self.idle_deadline) => {
+                        // Read the head before checking the buffer: every
+                        // event up to it is in the buffer or flagged overflow.
+                        let head = self.registration.hub.head();
+                        if !self.registration.rx.is_empty() || slot.overflowed.load(Ordering::Acquire) {
+                            return Ok(None);
+                        }
+                        self.last = self.last.max(head);
+                        self.idle_deadline = Instant::now() + self.progress_every;
+                        return Ok(Some(Item::Progress(self.last)));
+                    }
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                return Err(Error::Unavailable("the subscription was closed".into()));
+            }
+        };
+        if event.seq <= self.last {
+            return Ok(None); // already delivered by a replay
+        }
+        self.last = event.seq;
+        self.idle_deadline = Instant::now() + self.progress_every;
+        Ok(Some(Item::Notification(event)))
+    }
+}
