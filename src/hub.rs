@@ -371,3 +371,67 @@ impl Subscription {
         Ok(Some(Item::Notification(event)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, key: &str, aliases: &[&str]) -> Event {
+        Event {
+            seq,
+            sync_key: SyncKey::parse("k", key).unwrap(),
+            database: None,
+            id: None,
+            rev: None,
+            deleted: false,
+            aliases: aliases
+                .iter()
+                .map(|a| Alias::parse("a", a).unwrap())
+                .collect(),
+            attributes: Default::default(),
+        }
+    }
+
+    fn key(k: &str) -> SyncKey {
+        SyncKey::parse("k", k).unwrap()
+    }
+
+    #[test]
+    fn publish_filters_by_key_and_alias_and_never_blocks() {
+        let hub = Hub::new(0);
+        let (mut anon, head) = hub.register(&[key("a")], None, 2);
+        assert_eq!(head, 0);
+        let (mut bob, _) = hub.register(&[key("a"), key("b")], Alias::parse("a", "bob").ok(), 8);
+        hub.publish(&[
+            event(1, "a", &[]),
+            event(2, "b", &[]),
+            event(3, "a", &["bob"]),
+            event(4, "a", &[]),
+            event(5, "a", &[]),
+            event(6, "c", &[]),
+        ]);
+        assert_eq!(hub.head(), 6);
+        let drain = |r: &mut Registration| {
+            std::iter::from_fn(|| r.rx.try_recv().ok().map(|e| e.seq)).collect::<Vec<_>>()
+        };
+        // The anonymous subscriber's buffer of 2 filled at seq 4: 5 was
+        // skipped and the overflow flagged, so it will catch up from the log.
+        assert_eq!(drain(&mut anon), vec![1, 4]);
+        assert!(anon.slot.overflowed.load(Ordering::Acquire));
+        assert_eq!(drain(&mut bob), vec![1, 2, 3, 4, 5]);
+        assert!(!bob.slot.overflowed.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn keys_nobody_listens_to_are_removed() {
+        let hub = Hub::new(7);
+        let (first, head) = hub.register(&[key("a"), key("b")], None, 4);
+        assert_eq!(head, 7);
+        let (second, _) = hub.register(&[key("b")], None, 4);
+        assert_eq!((hub.subscriber_count(), hub.key_count()), (2, 2));
+        drop(first);
+        assert_eq!((hub.subscriber_count(), hub.key_count()), (1, 1));
+        drop(second);
+        assert_eq!((hub.subscriber_count(), hub.key_count()), (0, 0));
+    }
+}
