@@ -6,11 +6,38 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::BodyLimits;
+use crate::hub::SubscriberLimits;
 use crate::store::{Durability, StoreOptions};
 
 /// agsync: revisioned JSON documents and sync notifications over gRPC.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "agsync", version, about)]
+#[command(
+    name = "agsync",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Prints the hash of a token for the `--auth` file. The token is read
+    /// from standard input (one line) unless `--generate` makes a new one,
+    /// which is printed too.
+    HashToken {
+        /// Generate a new random token and print it with its hash.
+        #[arg(long)]
+        generate: bool,
+    },
+}
+
+/// How the server runs.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address to serve gRPC on. Port 0 picks a free port (logged at start).
     #[arg(long, env = "AGSYNC_LISTEN", default_value = "127.0.0.1:50051")]
@@ -33,7 +60,8 @@ pub struct Config {
 
     /// Deepest nesting of objects and arrays in a body (the body is level 1).
     /// Deeper bodies are refused with INVALID_ARGUMENT. Protobuf decoding
-    /// stops at about 50 levels of `Struct` nesting whatever this says.
+    /// stops at 34 levels of `Struct` nesting (INVALID_ARGUMENT too), so
+    /// values above 33 have no effect.
     #[arg(long, default_value_t = 32)]
     pub max_json_depth: usize,
 
@@ -85,6 +113,35 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000)]
     pub changes_max_limit: u32,
 
+    /// Bearer tokens and their grants (TOML, or JSON if the name ends in
+    /// `.json`); see the README's Security section. Without it the server is
+    /// open to anyone who can reach it, and refuses to start on a non-loopback
+    /// address unless `--insecure-open` is given.
+    #[arg(long, env = "AGSYNC_AUTH")]
+    pub auth: Option<PathBuf>,
+
+    /// Allow running without `--auth` on a non-loopback address.
+    #[arg(long)]
+    pub insecure_open: bool,
+
+    /// TLS certificate chain (PEM); with `--tls-key`, serve TLS only.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Most open Subscribe streams in total; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_subscribers: usize,
+
+    /// Most open Subscribe streams per principal (token); more get
+    /// RESOURCE_EXHAUSTED. Without `--auth` all callers are one principal,
+    /// so this is then the same as `--max-subscribers`.
+    #[arg(long, default_value_t = 1_000)]
+    pub max_subscribers_per_principal: usize,
+
     /// How long shutdown waits for in-flight requests before closing anyway.
     #[arg(long, value_parser = parse_seconds, default_value = "10")]
     pub shutdown_timeout_secs: Duration,
@@ -99,10 +156,22 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 impl Config {
     /// The defaults, for `path` and an ephemeral loopback port (tests, examples).
     pub fn for_path(path: impl Into<PathBuf>) -> Config {
-        let mut config = <Config as clap::Parser>::parse_from(["agsync"]);
+        let mut config = <Cli as clap::Parser>::parse_from(["agsync"]).config;
         config.db = path.into();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config
+    }
+
+    pub fn subscriber_limits(&self) -> SubscriberLimits {
+        let per_principal = if self.auth.is_some() {
+            self.max_subscribers_per_principal
+        } else {
+            self.max_subscribers
+        };
+        SubscriberLimits {
+            total: self.max_subscribers,
+            per_principal,
+        }
     }
 
     pub fn body_limits(&self) -> BodyLimits {

@@ -28,12 +28,22 @@ pub struct Hub {
     registry: Mutex<Registry>,
     /// The highest seq published (all events up to it were handed out).
     head: AtomicU64,
+    limits: SubscriberLimits,
+}
+
+/// Caps on open subscriptions, so a flood of streams cannot exhaust memory.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriberLimits {
+    pub total: usize,
+    pub per_principal: usize,
 }
 
 #[derive(Default)]
 struct Registry {
     next_id: u64,
     by_key: HashMap<SyncKey, HashMap<u64, Arc<Slot>>>,
+    total: usize,
+    per_principal: HashMap<String, usize>,
 }
 
 /// One subscriber as the publisher sees it.
@@ -49,10 +59,11 @@ struct Slot {
 
 impl Hub {
     /// A hub whose head starts at `head` (see [`Hub::advance_to`]).
-    pub fn new(head: u64) -> Arc<Hub> {
+    pub fn new(head: u64, limits: SubscriberLimits) -> Arc<Hub> {
         Arc::new(Hub {
             registry: Mutex::new(Registry::default()),
             head: AtomicU64::new(head),
+            limits,
         })
     }
 
@@ -100,14 +111,34 @@ impl Hub {
         }
     }
 
-    /// Registers a subscriber; returns its handle and the head at that moment
-    /// (every later event reaches the handle's buffer or sets its overflow).
+    /// Registers a subscriber counted under `principal`; returns its handle
+    /// and the head at that moment (every later event reaches the handle's
+    /// buffer or sets its overflow). Fails when a subscriber limit is reached.
     fn register(
         self: &Arc<Self>,
         keys: &[SyncKey],
         alias: Option<Alias>,
         buffer: usize,
-    ) -> (Registration, u64) {
+        principal: &str,
+    ) -> Result<(Registration, u64)> {
+        let mut registry = self.registry();
+        if registry.total >= self.limits.total {
+            return Err(Error::Exhausted(format!(
+                "the server has {} open subscriptions, its limit (--max-subscribers); retry later",
+                registry.total
+            )));
+        }
+        let mine = registry.per_principal.get(principal).copied().unwrap_or(0);
+        if mine >= self.limits.per_principal {
+            return Err(Error::Exhausted(format!(
+                "you have {mine} open subscriptions, the limit per principal (--max-subscribers-per-principal); close one, or subscribe to several keys in one stream"
+            )));
+        }
+        registry.total += 1;
+        *registry
+            .per_principal
+            .entry(principal.to_owned())
+            .or_default() += 1;
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let slot = Arc::new(Slot {
             alias,
@@ -115,7 +146,6 @@ impl Hub {
             overflowed: AtomicBool::new(false),
             wake: Notify::new(),
         });
-        let mut registry = self.registry();
         registry.next_id += 1;
         let id = registry.next_id;
         for key in keys {
@@ -131,23 +161,16 @@ impl Hub {
             hub: self.clone(),
             id,
             keys: keys.to_vec(),
+            principal: principal.to_owned(),
             slot,
             rx,
         };
-        (registration, head)
+        Ok((registration, head))
     }
 
     /// How many subscriptions are registered (for tests and metrics).
     pub fn subscriber_count(&self) -> usize {
-        let registry = self.registry();
-        let mut ids: Vec<u64> = registry
-            .by_key
-            .values()
-            .flat_map(|slots| slots.keys().copied())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.len()
+        self.registry().total
     }
 
     /// How many sync keys have at least one subscriber.
@@ -162,6 +185,7 @@ struct Registration {
     hub: Arc<Hub>,
     id: u64,
     keys: Vec<SyncKey>,
+    principal: String,
     slot: Arc<Slot>,
     rx: mpsc::Receiver<Arc<Event>>,
 }
@@ -169,6 +193,13 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut registry = self.hub.registry();
+        registry.total -= 1;
+        if let Some(n) = registry.per_principal.get_mut(&self.principal) {
+            *n -= 1;
+            if *n == 0 {
+                registry.per_principal.remove(&self.principal);
+            }
+        }
         for key in &self.keys {
             if let Some(slots) = registry.by_key.get_mut(key) {
                 slots.remove(&self.id);
@@ -189,6 +220,17 @@ pub enum Item {
     Subscribed(u64),
     /// Nothing for this subscription up to the seq.
     Progress(u64),
+}
+
+/// What a subscriber asked for, validated and authorized.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    pub keys: Vec<SyncKey>,
+    /// Who listens: decides which addressed events it sees.
+    pub alias: Option<Alias>,
+    pub since: Option<u64>,
+    /// Whom the subscription counts against for the per-principal limit.
+    pub principal: String,
 }
 
 /// Settings of one subscription.
@@ -233,14 +275,19 @@ impl Subscription {
     pub async fn start(
         hub: &Arc<Hub>,
         store: Arc<Store>,
-        keys: Vec<SyncKey>,
-        alias: Option<Alias>,
-        since: Option<u64>,
+        request: SubscribeRequest,
         options: SubscribeOptions,
         shutdown: CancellationToken,
     ) -> Result<Subscription> {
+        let SubscribeRequest {
+            keys,
+            alias,
+            since,
+            principal,
+        } = request;
         // Register before reading the log: no event can fall between the two.
-        let (registration, head) = hub.register(&keys, alias.clone(), options.buffer);
+        let (registration, head) =
+            hub.register(&keys, alias.clone(), options.buffer, &principal)?;
         let mut sub = Subscription {
             registration,
             store,
@@ -396,12 +443,38 @@ mod tests {
         SyncKey::parse("k", k).unwrap()
     }
 
+    const LIMITS: SubscriberLimits = SubscriberLimits {
+        total: 3,
+        per_principal: 2,
+    };
+
+    #[test]
+    fn subscriber_limits() {
+        let hub = Hub::new(0, LIMITS);
+        let a1 = hub.register(&[key("a")], None, 1, "alice").unwrap();
+        let _a2 = hub.register(&[key("a")], None, 1, "alice").unwrap();
+        let err = hub.register(&[key("a")], None, 1, "alice").err().unwrap();
+        assert!(err.to_string().contains("limit per principal"), "{err}");
+        let _b1 = hub.register(&[key("a")], None, 1, "bob").unwrap();
+        let err = hub.register(&[key("a")], None, 1, "carol").err().unwrap();
+        assert!(err.to_string().contains("3 open subscriptions"), "{err}");
+        drop(a1);
+        assert!(hub.register(&[key("a")], None, 1, "carol").is_ok());
+    }
+
     #[test]
     fn publish_filters_by_key_and_alias_and_never_blocks() {
-        let hub = Hub::new(0);
-        let (mut anon, head) = hub.register(&[key("a")], None, 2);
+        let hub = Hub::new(0, LIMITS);
+        let (mut anon, head) = hub.register(&[key("a")], None, 2, "").unwrap();
         assert_eq!(head, 0);
-        let (mut bob, _) = hub.register(&[key("a"), key("b")], Alias::parse("a", "bob").ok(), 8);
+        let (mut bob, _) = hub
+            .register(
+                &[key("a"), key("b")],
+                Alias::parse("a", "bob").ok(),
+                8,
+                "bob",
+            )
+            .unwrap();
         hub.publish(&[
             event(1, "a", &[]),
             event(2, "b", &[]),
@@ -424,10 +497,10 @@ mod tests {
 
     #[test]
     fn keys_nobody_listens_to_are_removed() {
-        let hub = Hub::new(7);
-        let (first, head) = hub.register(&[key("a"), key("b")], None, 4);
+        let hub = Hub::new(7, LIMITS);
+        let (first, head) = hub.register(&[key("a"), key("b")], None, 4, "").unwrap();
         assert_eq!(head, 7);
-        let (second, _) = hub.register(&[key("b")], None, 4);
+        let (second, _) = hub.register(&[key("b")], None, 4, "").unwrap();
         assert_eq!((hub.subscriber_count(), hub.key_count()), (2, 2));
         drop(first);
         assert_eq!((hub.subscriber_count(), hub.key_count()), (1, 1));

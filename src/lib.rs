@@ -12,10 +12,12 @@
 //!   subscriber's replay and catch-up from the durable log.
 //! - [`api`]: the gRPC service; the only code that sees tonic/prost, and the
 //!   one place an [`Error`] becomes a `tonic::Status`.
+//! - [`auth`]: bearer tokens (hashed in the `--auth` file) and grants.
 //! - [`server`]: wiring, health, reflection, keepalive and shutdown.
 //! - [`pb`]: code generated from `proto/agsync/v1/sync.proto`.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod hub;

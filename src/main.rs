@@ -1,10 +1,11 @@
 //! The `agsync` binary: parses flags, sets up logging, binds the listener and
-//! runs the server until SIGINT or SIGTERM. Nothing else lives here.
+//! runs the server until SIGINT or SIGTERM, or runs the `hash-token` helper.
+//! Nothing else lives here.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use agsync::config::Config;
+use agsync::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -15,7 +16,11 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(Command::HashToken { generate }) = cli.command {
+        return hash_token(generate);
+    }
+    let config = cli.config;
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -58,4 +63,28 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+}
+
+/// `agsync hash-token`: prints the auth-file hash of a token.
+fn hash_token(generate: bool) -> std::process::ExitCode {
+    let token = if generate {
+        let token = agsync::auth::generate_token();
+        println!("token: {token}");
+        token
+    } else {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("cannot read the token from standard input: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+        line.trim().to_owned()
+    };
+    if token.is_empty() {
+        eprintln!(
+            "no token given: pipe one in (echo -n TOKEN | agsync hash-token) or use --generate"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    println!("hash = \"{}\"", agsync::auth::hash_token(&token));
+    std::process::ExitCode::SUCCESS
 }

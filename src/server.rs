@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::Service;
+use crate::auth::Auth;
 use crate::config::Config;
-use crate::domain::Result;
+use crate::domain::{Error, Result};
 use crate::hub::Hub;
 use crate::pb::sync_service_server::SyncServiceServer;
 use crate::store::Store;
@@ -30,8 +31,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot read the listening address: {e}")))?;
+    let auth = Arc::new(load_auth(&config, local_addr)?);
+    let tls = load_tls(&config)?;
+
     // The hub starts empty; the writer publishes to it after each commit.
-    let hub = Hub::new(0);
+    let hub = Hub::new(0, config.subscriber_limits());
     let publisher: crate::store::Publisher = {
         let hub = hub.clone();
         Arc::new(move |events| hub.publish(events))
@@ -40,7 +47,14 @@ pub async fn run(
     hub.advance_to(store.last_seq().await?);
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let service = Service::new(store.clone(), hub, stop.clone(), tasks.clone(), &config);
+    let service = Service::new(
+        store.clone(),
+        auth,
+        hub,
+        stop.clone(),
+        tasks.clone(),
+        &config,
+    );
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -58,10 +72,14 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1().map_err(startup_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(startup_error)?;
 
-    let local = listener
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
-    tracing::info!(address = %local, db = %config.db.display(), durability = ?config.durability, "agsync listening");
+    tracing::info!(
+        address = %local_addr,
+        db = %config.db.display(),
+        durability = ?config.durability,
+        tls = tls.is_some(),
+        auth = config.auth.is_some(),
+        "agsync listening"
+    );
 
     let stopping = stop.clone();
     let health_on_stop = health_reporter.clone();
@@ -74,7 +92,16 @@ pub async fn run(
         stopping.cancel();
     });
 
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("invalid TLS configuration: {e}")))?;
+    }
+    let serve = builder
+        .layer(tower::util::MapResponseLayer::new(
+            transport_status::standard_codes,
+        ))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tcp_nodelay(true)
@@ -113,6 +140,100 @@ pub async fn run(
     Ok(())
 }
 
-fn startup_error(e: tonic_reflection::server::Error) -> crate::domain::Error {
-    crate::domain::Error::Storage(format!("cannot build the reflection service: {e}").into())
+fn startup_error(e: tonic_reflection::server::Error) -> Error {
+    Error::Config(format!("cannot build the reflection service: {e}"))
+}
+
+/// The `--auth` file, or the open mode: allowed on loopback addresses, and
+/// elsewhere only with `--insecure-open`.
+fn load_auth(config: &Config, addr: std::net::SocketAddr) -> Result<Auth> {
+    if let Some(path) = &config.auth {
+        return Auth::load(path).map_err(|e| Error::Config(e.to_string()));
+    }
+    if !addr.ip().is_loopback() && !config.insecure_open {
+        return Err(Error::Config(format!(
+            "refusing to serve {addr} without authentication: pass --auth FILE (see the README's Security section), listen on a loopback address, or pass --insecure-open"
+        )));
+    }
+    tracing::warn!(
+        address = %addr,
+        "no --auth: anyone who can reach this address may read, write and delete everything"
+    );
+    Ok(Auth::open())
+}
+
+fn load_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
+}
+
+/// tonic answers two transport failures with codes the gRPC spec does not
+/// use for them: a message over the size limit (OUT_OF_RANGE; the spec says
+/// RESOURCE_EXHAUSTED) and a request that does not decode, e.g. a body nested
+/// past protobuf's recursion limit (INTERNAL; it is the caller's input, so
+/// INVALID_ARGUMENT). Both come back as trailers-only responses, whose status
+/// is in the headers; this rewrites just those two.
+mod transport_status {
+    use tonic::codegen::http::Response;
+    use tonic::{Code, Status};
+
+    const TOO_LARGE: &str = "Error, decoded message length too large";
+    const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+    pub fn standard_codes<B>(mut response: Response<B>) -> Response<B> {
+        // tonic keeps the Status of a trailers-only response in its extensions.
+        let Some(status) = response.extensions().get::<Status>() else {
+            return response;
+        };
+        let message = status.message();
+        let fixed = match status.code() {
+            Code::OutOfRange if message.starts_with(TOO_LARGE) => Status::resource_exhausted(
+                format!("the request is too large (--max-request-bytes): {message}"),
+            ),
+            Code::Internal if message.starts_with(UNDECODABLE) => {
+                Status::invalid_argument(format!(
+                    "the request is not a valid protobuf message, or nests deeper than protobuf decoding allows (about 33 levels of JSON objects): {message}"
+                ))
+            }
+            _ => return response,
+        };
+        let headers = response.headers_mut();
+        headers.remove(Status::GRPC_MESSAGE);
+        if fixed.add_header(headers).is_ok() {
+            response.extensions_mut().insert(fixed);
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_mode_only_on_loopback_unless_insecure_open() {
+        let mut config = Config::for_path("unused.db");
+        let public: std::net::SocketAddr = "192.0.2.10:50051".parse().unwrap();
+        let loopback: std::net::SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        assert!(load_auth(&config, loopback).unwrap().is_open());
+        let err = load_auth(&config, public).unwrap_err().to_string();
+        assert!(
+            err.contains("refusing to serve 192.0.2.10:50051 without authentication"),
+            "{err}"
+        );
+        config.insecure_open = true;
+        assert!(load_auth(&config, public).unwrap().is_open());
+        config.auth = Some("/nonexistent/auth.toml".into());
+        let err = load_auth(&config, public).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/auth.toml"), "{err}");
+    }
 }

@@ -169,6 +169,17 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// However a client encodes an integer (1, 1.0), it is stored, and so
+        /// hashed into the revision, the same way.
+        #[test]
+        fn integral_doubles_are_canonical_integers(n in -(1i64 << 53)..(1i64 << 53)) {
+            #[allow(clippy::cast_precision_loss)]
+            let as_double = n as f64;
+            proptest::prop_assert_eq!(value_to_json("n", num(as_double)).unwrap(), serde_json::Value::from(n));
+        }
+    }
+
     #[test]
     fn non_finite_numbers_are_invalid() {
         for n in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {

@@ -13,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, Principal};
 use crate::config::Config;
 use crate::domain::{
     Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Result, Rev, SyncKey, new_ids,
     parse_attributes,
 };
-use crate::hub::{Hub, SubscribeOptions, Subscription};
+use crate::hub::{Hub, SubscribeOptions, SubscribeRequest, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
 use crate::store::Store;
 
@@ -30,6 +31,7 @@ pub const MAX_NEW_IDS: u32 = 1000;
 
 pub struct Service {
     store: Arc<Store>,
+    auth: Arc<Auth>,
     hub: Arc<Hub>,
     /// Cancelled at shutdown: open Subscribe streams end with UNAVAILABLE.
     shutdown: CancellationToken,
@@ -46,6 +48,7 @@ pub struct Service {
 impl Service {
     pub fn new(
         store: Arc<Store>,
+        auth: Arc<Auth>,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
@@ -53,6 +56,7 @@ impl Service {
     ) -> Self {
         Service {
             store,
+            auth,
             hub,
             shutdown,
             tasks,
@@ -66,6 +70,15 @@ impl Service {
             changes_default_limit: config.changes_default_limit,
             changes_max_limit: config.changes_max_limit,
         }
+    }
+
+    /// The caller, from the request's `authorization` metadata.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
+        let value = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        self.auth.authenticate(value)
     }
 
     /// The sync keys of a Subscribe: at least one, at most the limit, sorted
@@ -142,12 +155,13 @@ fn bulk_error_kind(e: &Error) -> &'static str {
     match e {
         Error::Conflict { .. } => "conflict",
         Error::Invalid { .. } => "invalid",
-        Error::TooLarge { .. } => "too_large",
+        Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) => "forbidden",
         Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
         Error::DatabaseExists(_) => "exists",
         Error::Unavailable(_) => "unavailable",
         Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
-        Error::Storage(_) => "internal",
+        Error::Storage(_) | Error::Config(_) => "internal",
     }
 }
 
@@ -169,8 +183,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::CreateDatabaseRequest>,
     ) -> Result<Response<pb::CreateDatabaseResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let name = DbName::parse("name", &req.name)?;
+        caller.require_admin()?;
         let sync_key = if req.sync_key.is_empty() {
             SyncKey::from_db_name(&name)
         } else {
@@ -186,18 +202,25 @@ impl SyncService for Service {
         &self,
         request: Request<pb::DeleteDatabaseRequest>,
     ) -> Result<Response<pb::DeleteDatabaseResponse>, Status> {
+        let caller = self.caller(&request)?;
         let name = DbName::parse("name", &request.into_inner().name)?;
+        caller.require_admin()?;
         self.store.delete_database(name).await?;
         Ok(Response::new(pb::DeleteDatabaseResponse {}))
     }
 
     async fn list_databases(
         &self,
-        _request: Request<pb::ListDatabasesRequest>,
+        request: Request<pb::ListDatabasesRequest>,
     ) -> Result<Response<pb::ListDatabasesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let databases = self.store.list_databases().await?;
         Ok(Response::new(pb::ListDatabasesResponse {
-            databases: databases.into_iter().map(convert::database).collect(),
+            databases: databases
+                .into_iter()
+                .filter(|db| caller.may_see(&db.name))
+                .map(convert::database)
+                .collect(),
         }))
     }
 
@@ -205,6 +228,7 @@ impl SyncService for Service {
         &self,
         request: Request<pb::NewIdRequest>,
     ) -> Result<Response<pb::NewIdResponse>, Status> {
+        self.caller(&request)?;
         let count = match request.into_inner().count {
             0 => 1,
             n if n > MAX_NEW_IDS => {
@@ -228,8 +252,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let database = DbName::parse("database", &req.database)?;
+        caller.require_write(&database)?;
         let write = self.doc_write("", &req.id, &req.rev, req.body, &req.notify_aliases)?;
         let out = self.store.write(database, write).await?;
         Ok(Response::new(pb::PutResponse {
@@ -243,8 +269,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let database = DbName::parse("database", &req.database)?;
+        caller.require_read(&database)?;
         let id = DocId::parse("id", &req.id)?;
         let doc = self.store.get(&database, &id).await?;
         Ok(Response::new(pb::GetResponse {
@@ -256,8 +284,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let database = DbName::parse("database", &req.database)?;
+        caller.require_write(&database)?;
         let write = DocWrite {
             id: DocId::parse("id", &req.id)?,
             rev: parse_optional_rev("rev", &req.rev)?,
@@ -276,8 +306,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::BulkPutRequest>,
     ) -> Result<Response<pb::BulkPutResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let database = DbName::parse("database", &req.database)?;
+        caller.require_write(&database)?;
         if req.docs.len() > self.max_bulk_docs {
             return Err(Error::invalid(
                 "docs",
@@ -342,8 +374,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let database = DbName::parse("database", &req.database)?;
+        caller.require_read(&database)?;
         let limit = match req.limit {
             0 => self.changes_default_limit,
             n if n > self.changes_max_limit => {
@@ -373,8 +407,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::NotifyRequest>,
     ) -> Result<Response<pb::NotifyResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let sync_key = SyncKey::parse("sync_key", &req.sync_key)?;
+        caller.require_notify(&sync_key)?;
         let aliases = Alias::parse_list("aliases", &req.aliases)?;
         let attributes = parse_attributes("attributes", req.attributes)?;
         let seq = self.store.notify(sync_key, aliases, attributes).await?;
@@ -387,20 +423,28 @@ impl SyncService for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let keys = self.subscribe_keys(&req.sync_keys)?;
-        // The one place the listener's identity is decided; with auth it will
-        // come from the credentials.
-        let alias = match req.alias.as_str() {
+        for key in &keys {
+            caller.require_subscribe(key)?;
+        }
+        // The one place the listener's identity is decided: the token's
+        // principal when auth is on, else the requested alias.
+        let requested = match req.alias.as_str() {
             "" => None,
             a => Some(Alias::parse("alias", a)?),
+        };
+        let request = SubscribeRequest {
+            keys,
+            alias: caller.listening_alias(requested)?,
+            since: req.since,
+            principal: caller.limit_key().to_owned(),
         };
         let mut subscription = Subscription::start(
             &self.hub,
             self.store.clone(),
-            keys,
-            alias,
-            req.since,
+            request,
             self.subscribe.clone(),
             self.shutdown.clone(),
         )

@@ -71,8 +71,14 @@ impl From<Error> for Status {
                 )],
             ),
             Error::Invalid { .. } => Status::invalid_argument(message),
-            Error::TooLarge { .. } => Status::resource_exhausted(message),
+            Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Unavailable(_) => Status::unavailable(message),
+            Error::Config(why) => {
+                tracing::error!(error = %why, "configuration error reached a client");
+                Status::internal("the server is misconfigured; details are in the server log")
+            }
             Error::Storage(source) => {
                 tracing::error!(error = %source, "storage failure");
                 Status::internal(

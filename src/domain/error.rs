@@ -57,9 +57,25 @@ pub enum Error {
     )]
     SinceAhead { since: u64, head: u64 },
 
+    /// No valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// Valid credentials without the needed grant.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
+    /// A server-wide or per-principal limit is reached (e.g. subscribers).
+    #[error("{0}")]
+    Exhausted(String),
+
     /// The service cannot take the request now (e.g. it is shutting down).
     #[error("{0}; retry shortly, or against another server")]
     Unavailable(String),
+
+    /// The server cannot start as configured (bad flag, file or address).
+    #[error("{0}")]
+    Config(String),
 
     /// The storage layer failed. Logged in full; never shown to clients.
     #[error("storage failure: {0}")]

@@ -125,3 +125,101 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::*;
+    use crate::domain::BodyLimits;
+
+    const LIMITS: BodyLimits = BodyLimits {
+        max_bytes: 1 << 20,
+        max_depth: 64,
+    };
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-zé\"\\\\ ]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,4}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// JSON text with every object's keys in an order chosen by `seed`.
+    fn shuffled_text(v: &Value, seed: u64) -> String {
+        match v {
+            Value::Object(m) => {
+                let mut entries: Vec<_> = m.iter().collect();
+                let n = entries.len();
+                if n > 1 {
+                    entries.rotate_left((seed as usize) % n);
+                    if seed % 2 == 1 {
+                        entries.reverse();
+                    }
+                }
+                let fields: Vec<String> = entries
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{}:{}",
+                            Value::String((*k).clone()),
+                            shuffled_text(v, seed / 3 + 1)
+                        )
+                    })
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            }
+            Value::Array(a) => {
+                let items: Vec<String> = a.iter().map(|v| shuffled_text(v, seed / 5 + 2)).collect();
+                format!("[{}]", items.join(","))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    proptest! {
+        /// Equal JSON in any key order gives the same revision.
+        #[test]
+        fn key_order_does_not_change_the_revision(
+            fields in prop::collection::btree_map("[a-z]{1,4}", json_value(), 0..8),
+            seed in any::<u64>(),
+            deleted in any::<bool>(),
+        ) {
+            let value = Value::Object(fields.into_iter().collect());
+            let parse = |text: &str| -> Body {
+                let map: Map<String, Value> = serde_json::from_str(text).unwrap();
+                Body::parse("body", map, LIMITS).unwrap()
+            };
+            let a = parse(&value.to_string());
+            let b = parse(&shuffled_text(&value, seed));
+            prop_assert_eq!(a.canonical_json(), b.canonical_json());
+            let parent = Rev::next(None, false, &Body::empty());
+            prop_assert_eq!(Rev::next(Some(&parent), deleted, &a), Rev::next(Some(&parent), deleted, &b));
+        }
+
+        /// A different body gives a different revision.
+        #[test]
+        fn different_bodies_give_different_revisions(a in json_value(), b in json_value()) {
+            prop_assume!(a != b);
+            let wrap = |v: Value| {
+                let mut m = Map::new();
+                m.insert("v".into(), v);
+                Body::parse("body", m, LIMITS).unwrap()
+            };
+            let (a, b) = (wrap(a), wrap(b));
+            prop_assume!(a.canonical_json() != b.canonical_json());
+            prop_assert_ne!(Rev::next(None, false, &a), Rev::next(None, false, &b));
+        }
+    }
+}

@@ -373,3 +373,14 @@ pub async fn notify(
         .into_inner()
         .seq
 }
+
+/// A request carrying `authorization: Bearer <token>` (or the raw value given).
+pub fn with_token<T>(message: T, authorization: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("ascii metadata"));
+    }
+    request
+}

@@ -6,5 +6,7 @@ mod bulk;
 mod databases;
 mod documents;
 mod durability;
+mod hostile;
+mod security;
 mod server;
 mod sync;

@@ -1,0 +1,344 @@
+//! Authentication and authorization. Bearer tokens come from the
+//! `authorization` metadata; the `--auth` file lists only their SHA-256
+//! hashes, each with a principal (the alias it acts as) and its grants. A
+//! token is checked against every entry in constant time. Without `--auth`
+//! every caller is the open principal, allowed everything. Must not: log or
+//! echo tokens, or say more in a denial than which grant is missing.
+
+use std::path::Path;
+
+use glob::Pattern;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::domain::{Alias, DbName, Error, Result, SyncKey};
+
+/// The prefix of a token hash in the auth file.
+const HASH_PREFIX: &str = "sha256:";
+
+/// The `--auth` file, TOML (or JSON if the file name ends in `.json`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    #[serde(default, rename = "token")]
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    principal: String,
+    hash: String,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    notify: Vec<String>,
+}
+
+/// Who is calling and what they may do.
+#[derive(Debug)]
+pub struct Principal {
+    /// `None` for the open principal (no `--auth`).
+    name: Option<Alias>,
+    admin: bool,
+    read: Vec<Pattern>,
+    write: Vec<Pattern>,
+    subscribe: Vec<Pattern>,
+    notify: Vec<Pattern>,
+}
+
+/// Checks callers' tokens.
+#[derive(Debug)]
+pub enum Auth {
+    /// No `--auth`: everyone may do everything.
+    Open(std::sync::Arc<Principal>),
+    Tokens(Vec<([u8; 32], std::sync::Arc<Principal>)>),
+}
+
+/// The hash of a token as it goes into the auth file.
+pub fn hash_token(token: &str) -> String {
+    format!(
+        "{HASH_PREFIX}{}",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
+}
+
+/// A new random token: 244 bits from the OS generator, as 64 hex chars.
+pub fn generate_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+impl Auth {
+    pub fn open() -> Auth {
+        let all = vec![Pattern::new("*").expect("a valid pattern")];
+        Auth::Open(std::sync::Arc::new(Principal {
+            name: None,
+            admin: true,
+            read: all.clone(),
+            write: all.clone(),
+            subscribe: all.clone(),
+            notify: all,
+        }))
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self, Auth::Open(_))
+    }
+
+    /// Loads and validates an auth file; errors name the entry and field.
+    pub fn load(path: &Path) -> Result<Auth> {
+        let bad = |why: String| Error::invalid(format!("auth file {}", path.display()), why);
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let file: AuthFile = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+        } else {
+            toml::from_str(&text).map_err(|e| bad(e.to_string()))?
+        };
+        if file.tokens.is_empty() {
+            return Err(bad("it lists no [[token]]; add at least one".into()));
+        }
+        let mut tokens: Vec<([u8; 32], std::sync::Arc<Principal>)> = Vec::new();
+        for (i, entry) in file.tokens.into_iter().enumerate() {
+            let field = |f: &str| format!("token[{i}].{f}");
+            let hash = entry
+                .hash
+                .strip_prefix(HASH_PREFIX)
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{}: expected \"sha256:<64 hex>\" as printed by `agsync hash-token`",
+                        field("hash")
+                    ))
+                })?;
+            if tokens.iter().any(|(h, _)| *h == hash) {
+                return Err(bad(format!(
+                    "{}: the same token is listed twice",
+                    field("hash")
+                )));
+            }
+            let patterns = |name: &str, list: Vec<String>| -> Result<Vec<Pattern>> {
+                list.iter()
+                    .map(|p| {
+                        Pattern::new(p)
+                            .map_err(|e| bad(format!("{}: {p:?} is not a glob: {e}", field(name))))
+                    })
+                    .collect()
+            };
+            let principal = Principal {
+                name: Some(
+                    Alias::parse(&field("principal"), &entry.principal)
+                        .map_err(|e| bad(e.to_string()))?,
+                ),
+                admin: entry.admin,
+                read: patterns("read", entry.read)?,
+                write: patterns("write", entry.write)?,
+                subscribe: patterns("subscribe", entry.subscribe)?,
+                notify: patterns("notify", entry.notify)?,
+            };
+            tokens.push((hash, std::sync::Arc::new(principal)));
+        }
+        Ok(Auth::Tokens(tokens))
+    }
+
+    /// The principal behind an `authorization` metadata value.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<std::sync::Arc<Principal>> {
+        let tokens = match self {
+            Auth::Open(p) => return Ok(p.clone()),
+            Auth::Tokens(tokens) => tokens,
+        };
+        let Some(value) = authorization else {
+            return Err(Error::Unauthenticated(
+                "no credentials: send the metadata \"authorization: Bearer <token>\"".into(),
+            ));
+        };
+        let token = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Error::Unauthenticated(
+                    "malformed authorization metadata: expected \"Bearer <token>\"".into(),
+                )
+            })?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Compare with every entry, without stopping at a match.
+        let mut found = None;
+        for (hash, principal) in tokens {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some(principal.clone());
+            }
+        }
+        found.ok_or_else(|| {
+            Error::Unauthenticated(
+                "unknown token: check it, or ask the administrator for a valid one".into(),
+            )
+        })
+    }
+}
+
+impl Principal {
+    fn denied(&self, grant: &str, on: &str) -> Error {
+        let who = self.name.as_ref().map_or("(open)", Alias::as_str);
+        Error::PermissionDenied(format!(
+            "principal {who:?} lacks the {grant:?} grant{on}; ask the administrator to add it to its token"
+        ))
+    }
+
+    fn matches(patterns: &[Pattern], name: &str) -> bool {
+        patterns.iter().any(|p| p.matches(name))
+    }
+
+    /// Database create/delete: admins only.
+    pub fn require_admin(&self) -> Result<()> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(self.denied("admin", ""))
+        }
+    }
+
+    pub fn require_read(&self, db: &DbName) -> Result<()> {
+        if self.admin || Self::matches(&self.read, db.as_str()) {
+            Ok(())
+        } else {
+            Err(self.denied("read", &format!(" for database {:?}", db.as_str())))
+        }
+    }
+
+    pub fn require_write(&self, db: &DbName) -> Result<()> {
+        if self.admin || Self::matches(&self.write, db.as_str()) {
+            Ok(())
+        } else {
+            Err(self.denied("write", &format!(" for database {:?}", db.as_str())))
+        }
+    }
+
+    /// Whether ListDatabases shows `db` to this principal.
+    pub fn may_see(&self, db: &DbName) -> bool {
+        self.admin
+            || Self::matches(&self.read, db.as_str())
+            || Self::matches(&self.write, db.as_str())
+    }
+
+    pub fn require_notify(&self, key: &SyncKey) -> Result<()> {
+        if self.admin || Self::matches(&self.notify, key.as_str()) {
+            Ok(())
+        } else {
+            Err(self.denied("notify", &format!(" for sync key {:?}", key.as_str())))
+        }
+    }
+
+    pub fn require_subscribe(&self, key: &SyncKey) -> Result<()> {
+        if Self::matches(&self.subscribe, key.as_str()) {
+            Ok(())
+        } else {
+            Err(self.denied("subscribe", &format!(" for sync key {:?}", key.as_str())))
+        }
+    }
+
+    /// The alias a subscriber listens as: its principal's when auth is on
+    /// (a different requested alias is refused), else the requested one.
+    pub fn listening_alias(&self, requested: Option<Alias>) -> Result<Option<Alias>> {
+        match (&self.name, requested) {
+            (None, requested) => Ok(requested),
+            (Some(name), Some(req)) if req != *name => Err(Error::PermissionDenied(format!(
+                "alias {:?} is not yours: a subscriber listens as its token's principal {:?}; leave alias empty or set it to that",
+                req.as_str(),
+                name.as_str()
+            ))),
+            (Some(name), _) => Ok(Some(name.clone())),
+        }
+    }
+
+    /// The key subscriber limits are counted under ("" for the open principal).
+    pub fn limit_key(&self) -> &str {
+        self.name.as_ref().map_or("", Alias::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Auth> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.toml");
+        std::fs::write(&path, text).unwrap();
+        Auth::load(&path)
+    }
+
+    #[test]
+    fn tokens_and_grants() {
+        let auth = load(&format!(
+            r#"
+[[token]]
+principal = "bob"
+hash = "{}"
+read = ["cars", "cal_*"]
+write = ["cars"]
+subscribe = ["org.example.*"]
+"#,
+            hash_token("secret-bob")
+        ))
+        .unwrap();
+        let bob = auth.authenticate(Some(b"Bearer secret-bob")).unwrap();
+        let db = |n| DbName::parse("d", n).unwrap();
+        assert!(bob.require_read(&db("cal_2024")).is_ok());
+        assert!(bob.require_write(&db("cal_2024")).is_err());
+        assert!(bob.require_write(&db("cars")).is_ok());
+        assert!(bob.require_admin().is_err());
+        let key = |k| SyncKey::parse("k", k).unwrap();
+        assert!(bob.require_subscribe(&key("org.example.Cars")).is_ok());
+        assert!(bob.require_subscribe(&key("com.other")).is_err());
+        assert!(bob.require_notify(&key("org.example.Cars")).is_err());
+        assert_eq!(bob.listening_alias(None).unwrap().unwrap().as_str(), "bob");
+        assert!(bob.listening_alias(Alias::parse("a", "eve").ok()).is_err());
+        for bad in [
+            None,
+            Some(&b"secret-bob"[..]),
+            Some(b"Bearer "),
+            Some(b"Bearer nope"),
+        ] {
+            assert!(matches!(
+                auth.authenticate(bad),
+                Err(Error::Unauthenticated(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        assert!(load("").is_err());
+        assert!(load("[[token]]\nprincipal = \"a\"\nhash = \"md5:00\"\n").is_err());
+        let h = hash_token("x");
+        assert!(load(&format!("[[token]]\nprincipal = \"a b\"\nhash = \"{h}\"\n")).is_err());
+        assert!(
+            load(&format!(
+                "[[token]]\nprincipal = \"a\"\nhash = \"{h}\"\nreed = []\n"
+            ))
+            .is_err()
+        );
+        let twice = format!(
+            "[[token]]\nprincipal = \"a\"\nhash = \"{h}\"\n[[token]]\nprincipal = \"b\"\nhash = \"{h}\"\n"
+        );
+        assert!(
+            load(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
+    }
+}
