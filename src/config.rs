@@ -74,6 +74,10 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000)]
     pub max_bulk_docs: usize,
 
+    /// Most ids one NewId call hands out; more is INVALID_ARGUMENT.
+    #[arg(long, default_value_t = 1000)]
+    pub max_new_ids: u32,
+
     /// Read connections to SQLite (Get, ListDatabases).
     #[arg(long, default_value_t = 4)]
     pub read_connections: u32,

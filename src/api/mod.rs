@@ -26,9 +26,6 @@ use crate::store::Store;
 /// Responses buffered between a subscription task and its gRPC stream.
 const STREAM_BUFFER: usize = 16;
 
-/// The most ids one NewId call hands out.
-pub const MAX_NEW_IDS: u32 = 1000;
-
 pub struct Service {
     store: Arc<Store>,
     auth: Arc<Auth>,
@@ -39,6 +36,7 @@ pub struct Service {
     tasks: TaskTracker,
     body_limits: BodyLimits,
     max_bulk_docs: usize,
+    max_new_ids: u32,
     max_subscribe_keys: usize,
     subscribe: SubscribeOptions,
     changes_default_limit: u32,
@@ -62,6 +60,7 @@ impl Service {
             tasks,
             body_limits: config.body_limits(),
             max_bulk_docs: config.max_bulk_docs,
+            max_new_ids: config.max_new_ids,
             max_subscribe_keys: config.max_subscribe_keys,
             subscribe: SubscribeOptions {
                 buffer: config.subscriber_buffer,
@@ -231,10 +230,10 @@ impl SyncService for Service {
         self.caller(&request)?;
         let count = match request.into_inner().count {
             0 => 1,
-            n if n > MAX_NEW_IDS => {
+            n if n > self.max_new_ids => {
                 return Err(Error::invalid(
                     "count",
-                    format!("{n} ids requested; at most {MAX_NEW_IDS} per call"),
+                    format!("{n} ids requested; at most {} per call", self.max_new_ids),
                 )
                 .into());
             }
