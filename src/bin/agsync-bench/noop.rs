@@ -1,0 +1,163 @@
+//! The no-op server: the same proto, every RPC answers at once without
+//! touching storage, Subscribe sends `subscribed` and then holds the stream
+//! open. Measures the ceiling of any tonic server on this machine.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agsync::pb::sync_service_server::{SyncService, SyncServiceServer};
+use agsync::pb::{self, subscribe_response::Event};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+pub struct Noop {
+    seq: AtomicU64,
+}
+
+const REV: &str = "1-00000000000000000000000000000000";
+
+impl Noop {
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+#[tonic::async_trait]
+impl SyncService for Noop {
+    async fn create_database(
+        &self,
+        r: Request<pb::CreateDatabaseRequest>,
+    ) -> Result<Response<pb::CreateDatabaseResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(pb::CreateDatabaseResponse {
+            database: Some(pb::Database {
+                sync_key: if r.sync_key.is_empty() {
+                    r.name.clone()
+                } else {
+                    r.sync_key
+                },
+                name: r.name,
+                ..Default::default()
+            }),
+        }))
+    }
+    async fn delete_database(
+        &self,
+        _: Request<pb::DeleteDatabaseRequest>,
+    ) -> Result<Response<pb::DeleteDatabaseResponse>, Status> {
+        Ok(Response::new(pb::DeleteDatabaseResponse {}))
+    }
+    async fn list_databases(
+        &self,
+        _: Request<pb::ListDatabasesRequest>,
+    ) -> Result<Response<pb::ListDatabasesResponse>, Status> {
+        Ok(Response::new(pb::ListDatabasesResponse::default()))
+    }
+    async fn new_id(
+        &self,
+        _: Request<pb::NewIdRequest>,
+    ) -> Result<Response<pb::NewIdResponse>, Status> {
+        Ok(Response::new(pb::NewIdResponse {
+            ids: vec!["0".repeat(32)],
+        }))
+    }
+    async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        Ok(Response::new(pb::PutResponse {
+            id: r.into_inner().id,
+            rev: REV.into(),
+            seq: self.next_seq(),
+        }))
+    }
+    async fn get(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        Ok(Response::new(pb::GetResponse {
+            document: Some(pb::Document {
+                id: r.into_inner().id,
+                rev: REV.into(),
+                body: Some(prost_types::Struct::default()),
+                seq: 1,
+            }),
+        }))
+    }
+    async fn delete(
+        &self,
+        r: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        Ok(Response::new(pb::DeleteResponse {
+            id: r.into_inner().id,
+            rev: REV.into(),
+            seq: self.next_seq(),
+        }))
+    }
+    async fn bulk_put(
+        &self,
+        r: Request<pb::BulkPutRequest>,
+    ) -> Result<Response<pb::BulkPutResponse>, Status> {
+        let results = r
+            .into_inner()
+            .docs
+            .into_iter()
+            .map(|d| pb::BulkPutResult {
+                id: d.id,
+                rev: REV.into(),
+                seq: self.next_seq(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::BulkPutResponse { results }))
+    }
+    async fn changes(
+        &self,
+        r: Request<pb::ChangesRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        Ok(Response::new(pb::ChangesResponse {
+            changes: vec![],
+            last_seq: r.into_inner().since,
+        }))
+    }
+    async fn notify(
+        &self,
+        _: Request<pb::NotifyRequest>,
+    ) -> Result<Response<pb::NotifyResponse>, Status> {
+        Ok(Response::new(pb::NotifyResponse {
+            seq: self.next_seq(),
+        }))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        _: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let head_seq = self.seq.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            let subscribed = pb::SubscribeResponse {
+                event: Some(Event::Subscribed(pb::Subscribed { head_seq })),
+            };
+            if tx.send(Ok(subscribed)).await.is_ok() {
+                tx.closed().await; // hold the stream open until the client leaves
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+pub async fn serve(listen: SocketAddr) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    eprintln!("no-op server listening address={local}");
+    tonic::transport::Server::builder()
+        .add_service(SyncServiceServer::new(Noop::default()))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+}

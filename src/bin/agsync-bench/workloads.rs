@@ -1,0 +1,868 @@
+//! The workloads. Each sets up what it needs (untimed), then runs its
+//! clients until the deadline, recording every operation's latency.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agsync::pb::sync_service_client::SyncServiceClient;
+use agsync::pb::{self, subscribe_response::Event};
+use tokio::sync::Mutex;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::{Workload, WorkloadArgs};
+
+type Client = SyncServiceClient<Channel>;
+
+/// The result of one run against one server.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub server: String,
+    pub workload: String,
+    pub run: usize,
+    pub clients: usize,
+    /// Successful operations (documents for bulk, events for replay).
+    pub ops: u64,
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: u64,
+    pub conflicts: u64,
+    pub rss_start_kb: u64,
+    pub rss_end_kb: u64,
+    /// Workload-specific figures (delivered/expected, RSS per subscriber...).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub notes: Vec<String>,
+    /// Why the run failed its own checks (soak, fanout delivery).
+    pub failed: Vec<String>,
+}
+
+impl Report {
+    pub fn json(&self) -> String {
+        let mut v = serde_json::json!({
+            "server": self.server,
+            "workload": self.workload,
+            "run": self.run,
+            "clients": self.clients,
+            "ops": self.ops,
+            "ops_per_s": (self.ops_per_s * 10.0).round() / 10.0,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "max_ms": self.max_ms,
+            "errors": self.errors,
+            "conflicts": self.conflicts,
+            "server_rss_start_kb": self.rss_start_kb,
+            "server_rss_end_kb": self.rss_end_kb,
+        });
+        if let Some(obj) = v.as_object_mut() {
+            obj.extend(self.extra.clone());
+        }
+        v.to_string()
+    }
+
+    /// The run with the median throughput.
+    pub fn median(reports: &[&Report]) -> Report {
+        let mut sorted: Vec<&Report> = reports.to_vec();
+        sorted.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+        sorted
+            .get(sorted.len() / 2)
+            .map(|r| (*r).clone())
+            .unwrap_or_default()
+    }
+}
+
+/// What one operation came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok(u64),
+    Conflict,
+    Error,
+}
+
+#[derive(Default)]
+struct Totals {
+    latencies_us: Vec<u32>,
+    ops: u64,
+    conflicts: u64,
+    errors: u64,
+}
+
+impl Totals {
+    fn merge(&mut self, other: Totals) {
+        self.latencies_us.extend(other.latencies_us);
+        self.ops += other.ops;
+        self.conflicts += other.conflicts;
+        self.errors += other.errors;
+    }
+
+    fn into_report(mut self, args: &WorkloadArgs, elapsed: Duration) -> Report {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if self.latencies_us.is_empty() {
+                return 0.0;
+            }
+            let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+            f64::from(self.latencies_us[i]) / 1000.0
+        };
+        Report {
+            workload: args.workload_name(),
+            clients: args.clients,
+            ops: self.ops,
+            ops_per_s: self.ops as f64 / elapsed.as_secs_f64(),
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+            errors: self.errors,
+            conflicts: self.conflicts,
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs `op` on every state concurrently until `duration` has passed.
+async fn drive<S, F, Fut>(states: Vec<S>, duration: Duration, op: F) -> (Totals, Duration)
+where
+    S: Send + 'static,
+    F: Fn(S, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (S, Outcome)> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = states
+        .into_iter()
+        .map(|mut state| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut totals = Totals::default();
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let (next, outcome) = op(state, n).await;
+                    state = next;
+                    n += 1;
+                    totals
+                        .latencies_us
+                        .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    match outcome {
+                        Outcome::Ok(k) => totals.ops += k,
+                        Outcome::Conflict => totals.conflicts += 1,
+                        Outcome::Error => totals.errors += 1,
+                    }
+                }
+                totals
+            })
+        })
+        .collect();
+    let mut all = Totals::default();
+    for t in tasks {
+        if let Ok(totals) = t.await {
+            all.merge(totals);
+        }
+    }
+    (all, start.elapsed())
+}
+
+fn rss_kb(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn connections(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, String> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        out.push(channel);
+    }
+    Ok(out)
+}
+
+fn clients(channels: &[Channel], n: usize) -> Vec<Client> {
+    (0..n)
+        .map(|i| {
+            SyncServiceClient::new(channels[i % channels.len()].clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX)
+        })
+        .collect()
+}
+
+/// A small document, about 120 bytes of JSON.
+fn body(n: u64) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    let v = |k: Kind| prost_types::Value { kind: Some(k) };
+    prost_types::Struct {
+        fields: [
+            ("model".to_owned(), v(Kind::StringValue("Mustang".into()))),
+            ("year".to_owned(), v(Kind::NumberValue(1969.0))),
+            ("n".to_owned(), v(Kind::NumberValue(n as f64))),
+            ("pad".to_owned(), v(Kind::StringValue("x".repeat(64)))),
+        ]
+        .into(),
+    }
+}
+
+fn put_request(db: &str, id: String, rev: String, n: u64) -> pb::PutRequest {
+    pb::PutRequest {
+        database: db.into(),
+        id,
+        rev,
+        body: Some(body(n)),
+        notify_aliases: vec![],
+    }
+}
+
+async fn create_database(c: &mut Client, name: &str, key: &str) -> Result<(), String> {
+    match c
+        .create_database(pb::CreateDatabaseRequest {
+            name: name.into(),
+            sync_key: key.into(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+        Err(s) => Err(format!("CreateDatabase: {s}")),
+    }
+}
+
+/// Fills `db` with documents p0..p{n-1} in parallel BulkPuts; returns their revs.
+async fn preload(clients: &[Client], db: &str, n: usize) -> Result<Vec<String>, String> {
+    const CHUNK: usize = 1000;
+    let revs = Arc::new(Mutex::new(vec![String::new(); n]));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in clients.iter().take(8) {
+        let (mut c, revs, next, db) = (c.clone(), revs.clone(), next.clone(), db.to_owned());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let start = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+                if start >= n {
+                    return Ok::<(), String>(());
+                }
+                let end = (start + CHUNK).min(n);
+                let docs = (start..end)
+                    .map(|i| pb::BulkPutItem {
+                        id: format!("p{i}"),
+                        rev: String::new(),
+                        body: Some(body(i as u64)),
+                        notify_aliases: vec![],
+                    })
+                    .collect();
+                let results = c
+                    .bulk_put(pb::BulkPutRequest {
+                        database: db.clone(),
+                        docs,
+                    })
+                    .await
+                    .map_err(|s| format!("preload BulkPut: {s}"))?
+                    .into_inner()
+                    .results;
+                let mut revs = revs.lock().await;
+                for (i, r) in (start..end).zip(results) {
+                    if !r.error.is_empty() {
+                        return Err(format!("preload p{i}: {} {}", r.error, r.reason));
+                    }
+                    revs[i] = r.rev;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let revs = revs.lock().await.clone();
+    Ok(revs)
+}
+
+fn outcome<T>(r: Result<T, tonic::Status>, ok: u64) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Ok(ok),
+        Err(s) if s.code() == Code::Aborted => Outcome::Conflict,
+        Err(_) => Outcome::Error,
+    }
+}
+
+/// The current rev carried in a conflict's ErrorInfo.
+fn current_rev(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("current_rev").cloned())
+}
+
+/// A small fast generator for picking documents (not for secrets).
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+pub async fn run(
+    addr: SocketAddr,
+    pid: Option<u32>,
+    args: &WorkloadArgs,
+) -> Result<Report, String> {
+    let channels = connections(addr, args.connections).await?;
+    let all = clients(&channels, args.clients.max(1));
+    let duration = Duration::from_secs_f64(args.duration_secs);
+    let mut admin = all[0].clone();
+    let db = "bench";
+    create_database(&mut admin, db, "bench.key").await?;
+    let mut report = match args.workload {
+        Workload::Create => {
+            let states: Vec<(Client, usize)> =
+                all.into_iter().enumerate().map(|(k, c)| (c, k)).collect();
+            let rss = rss_kb(pid);
+            let (totals, elapsed) = drive(states, duration, |(mut c, k), n| async move {
+                let r = c
+                    .put(put_request("bench", format!("c{k}-{n}"), String::new(), n))
+                    .await;
+                ((c, k), outcome(r, 1))
+            })
+            .await;
+            let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
+            r
+        }
+        Workload::Update => update(args, pid, all, duration).await?,
+        Workload::Contended => contended(args, pid, all, duration).await?,
+        Workload::Get => {
+            preload(&all, db, args.docs).await?;
+            let n_docs = args.docs.max(1) as u64;
+            let states: Vec<(Client, u64)> = all
+                .into_iter()
+                .enumerate()
+                .map(|(k, c)| (c, 0x9e37_79b9_7f4a_7c15 ^ (k as u64 + 1)))
+                .collect();
+            let rss = rss_kb(pid);
+            let (totals, elapsed) =
+                drive(states, duration, move |(mut c, mut seed), _| async move {
+                    let id = format!("p{}", xorshift(&mut seed) % n_docs);
+                    let r = c
+                        .get(pb::GetRequest {
+                            database: "bench".into(),
+                            id,
+                        })
+                        .await;
+                    ((c, seed), outcome(r, 1))
+                })
+                .await;
+            let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
+            r
+        }
+        Workload::Bulk => {
+            let batch = args.batch.max(1);
+            let states: Vec<(Client, usize)> =
+                all.into_iter().enumerate().map(|(k, c)| (c, k)).collect();
+            let rss = rss_kb(pid);
+            let (totals, elapsed) = drive(states, duration, move |(mut c, k), n| async move {
+                let docs = (0..batch)
+                    .map(|i| pb::BulkPutItem {
+                        id: format!("b{k}-{n}-{i}"),
+                        rev: String::new(),
+                        body: Some(body(n)),
+                        notify_aliases: vec![],
+                    })
+                    .collect();
+                let r = c
+                    .bulk_put(pb::BulkPutRequest {
+                        database: "bench".into(),
+                        docs,
+                    })
+                    .await;
+                let ok = match &r {
+                    Ok(resp) => resp
+                        .get_ref()
+                        .results
+                        .iter()
+                        .filter(|x| x.error.is_empty())
+                        .count() as u64,
+                    Err(_) => 0,
+                };
+                ((c, k), outcome(r, ok))
+            })
+            .await;
+            let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
+            r.notes.push(format!(
+                "ops are documents; latency is per BulkPut of {batch}"
+            ));
+            r
+        }
+        Workload::Preload => {
+            let start = Instant::now();
+            preload(&all, db, args.docs).await?;
+            let elapsed = start.elapsed();
+            Report {
+                workload: args.workload_name(),
+                clients: 8.min(args.clients),
+                ops: args.docs as u64,
+                ops_per_s: args.docs as f64 / elapsed.as_secs_f64(),
+                ..Default::default()
+            }
+        }
+        Workload::Fanout => fanout(addr, args, pid, &channels, all, duration).await?,
+        Workload::Replay => replay(args, pid, all).await?,
+        Workload::Soak => soak(addr, args, pid, &channels, all, duration).await?,
+    };
+    report.workload = args.workload_name();
+    report.rss_end_kb = rss_kb(pid);
+    if report.rss_start_kb == 0 {
+        report.rss_start_kb = report.rss_end_kb;
+    }
+    Ok(report)
+}
+
+/// Each client CAS-updates 16 documents of its own, carrying the last rev.
+/// With `--docs`, they are spread over that many preloaded documents.
+async fn update(
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    all: Vec<Client>,
+    duration: Duration,
+) -> Result<Report, String> {
+    const OWN: usize = 16;
+    let clients_n = all.len();
+    let n_docs = args.docs.max(clients_n * OWN);
+    let revs = preload(&all, "bench", n_docs).await?;
+    let stride = n_docs / (clients_n * OWN);
+    let states: Vec<(Client, Vec<(String, String)>)> = all
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let docs = (0..OWN)
+                .map(|j| {
+                    let i = (k * OWN + j) * stride;
+                    (format!("p{i}"), revs[i].clone())
+                })
+                .collect();
+            (c, docs)
+        })
+        .collect();
+    let rss = rss_kb(pid);
+    let (totals, elapsed) = drive(states, duration, |(mut c, mut docs), n| async move {
+        let j = (n as usize) % docs.len();
+        let (id, rev) = docs[j].clone();
+        let r = c.put(put_request("bench", id, rev, n)).await;
+        let out = match r {
+            Ok(resp) => {
+                docs[j].1 = resp.into_inner().rev;
+                Outcome::Ok(1)
+            }
+            Err(s) if s.code() == Code::Aborted => {
+                if let Some(cur) = current_rev(&s) {
+                    docs[j].1 = cur;
+                }
+                Outcome::Conflict
+            }
+            Err(_) => Outcome::Error,
+        };
+        ((c, docs), out)
+    })
+    .await;
+    let mut r = totals.into_report(args, elapsed);
+    r.rss_start_kb = rss;
+    r.extra.insert("docs".into(), n_docs.into());
+    Ok(r)
+}
+
+/// All clients CAS-update the same 10 documents. On a conflict the client
+/// takes the current rev from the error details (no extra read) and moves on.
+async fn contended(
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    all: Vec<Client>,
+    duration: Duration,
+) -> Result<Report, String> {
+    const HOT: usize = 10;
+    let revs = preload(&all, "bench", HOT).await?;
+    let states: Vec<(Client, Vec<String>, usize)> = all
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| (c, revs.clone(), k))
+        .collect();
+    let rss = rss_kb(pid);
+    let (totals, elapsed) = drive(states, duration, |(mut c, mut revs, k), n| async move {
+        let j = (k + n as usize) % HOT;
+        let r = c
+            .put(put_request("bench", format!("p{j}"), revs[j].clone(), n))
+            .await;
+        let out = match r {
+            Ok(resp) => {
+                revs[j] = resp.into_inner().rev;
+                Outcome::Ok(1)
+            }
+            Err(s) if s.code() == Code::Aborted => {
+                if let Some(cur) = current_rev(&s) {
+                    revs[j] = cur;
+                }
+                Outcome::Conflict
+            }
+            Err(_) => Outcome::Error,
+        };
+        ((c, revs, k), out)
+    })
+    .await;
+    let mut r = totals.into_report(args, elapsed);
+    r.rss_start_kb = rss;
+    let calls = (r.ops + r.conflicts) as f64 / elapsed.as_secs_f64();
+    r.extra.insert(
+        "conflicts_per_s".into(),
+        (r.conflicts as f64 / elapsed.as_secs_f64()).round().into(),
+    );
+    r.extra.insert("calls_per_s".into(), calls.round().into());
+    r.notes.push(format!(
+        "ops are successful updates; {:.0} calls/s in all, {:.0} conflicts/s",
+        calls,
+        r.conflicts as f64 / elapsed.as_secs_f64()
+    ));
+    Ok(r)
+}
+
+/// Opens `count` subscriptions on `key` spread over the channels and waits
+/// for each one's `subscribed`.
+async fn open_subscribers(
+    channels: &[Channel],
+    key: &str,
+    count: usize,
+) -> Result<Vec<tonic::Streaming<pb::SubscribeResponse>>, String> {
+    let mut streams = Vec::with_capacity(count);
+    let subs = clients(channels, count);
+    for mut c in subs {
+        let mut s = c
+            .subscribe(pb::SubscribeRequest {
+                sync_keys: vec![key.into()],
+                since: None,
+                alias: String::new(),
+            })
+            .await
+            .map_err(|e| format!("Subscribe: {e}"))?
+            .into_inner();
+        match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
+            Ok(Ok(Some(_))) => streams.push(s),
+            other => return Err(format!("no subscribed event: {other:?}")),
+        }
+    }
+    Ok(streams)
+}
+
+/// `--subscribers` on one key, one writer doing a Put every `--interval-ms`:
+/// latency from just before the Put to each subscriber's receipt.
+async fn fanout(
+    addr: SocketAddr,
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    channels: &[Channel],
+    all: Vec<Client>,
+    duration: Duration,
+) -> Result<Report, String> {
+    let idle_rss = rss_kb(pid);
+    let sub_channels = connections_for(addr, channels, args.subscribers).await?;
+    let streams = open_subscribers(&sub_channels, "bench.key", args.subscribers).await?;
+    let subscribed_rss = rss_kb(pid);
+    let (last_tx, last_rx) = tokio::sync::watch::channel(u64::MAX);
+    let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
+    let receivers: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let last_rx = last_rx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                read_until_last(s, last_rx, deadline, |seq| got.push((seq, Instant::now()))).await;
+                got
+            })
+        })
+        .collect();
+    let mut writer = all[0].clone();
+    let start = Instant::now();
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut put_latencies = Vec::new();
+    let mut n = 0u64;
+    let mut errors = 0;
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        match writer
+            .put(put_request("bench", format!("f{n}"), String::new(), n))
+            .await
+        {
+            Ok(r) => {
+                sent.insert(r.into_inner().seq, t);
+                put_latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            Err(_) => errors += 1,
+        }
+        n += 1;
+        tokio::time::sleep_until((t + Duration::from_millis(args.interval_ms)).into()).await;
+    }
+    let _ = last_tx.send(sent.keys().copied().max().unwrap_or(0));
+    let mut latencies = Vec::new();
+    let mut delivered = 0u64;
+    for r in receivers {
+        for (seq, at) in r.await.map_err(|e| e.to_string())? {
+            if let Some(t0) = sent.get(&seq) {
+                delivered += 1;
+                latencies
+                    .push(u32::try_from(at.duration_since(*t0).as_micros()).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    let expected = sent.len() as u64 * args.subscribers as u64;
+    let is_noop = expected > 0 && delivered == 0;
+    let totals = Totals {
+        latencies_us: if is_noop { put_latencies } else { latencies },
+        ops: if is_noop {
+            sent.len() as u64
+        } else {
+            delivered
+        },
+        conflicts: 0,
+        errors,
+    };
+    let mut r = totals.into_report(args, duration);
+    r.clients = args.subscribers;
+    r.rss_start_kb = idle_rss;
+    let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / args.subscribers.max(1) as f64;
+    for (k, v) in [
+        ("subscribers", serde_json::Value::from(args.subscribers)),
+        ("delivered", delivered.into()),
+        ("expected", expected.into()),
+        ("idle_rss_kb", idle_rss.into()),
+        ("subscribed_rss_kb", subscribed_rss.into()),
+        (
+            "rss_per_subscriber_kb",
+            ((per_sub * 10.0).round() / 10.0).into(),
+        ),
+    ] {
+        r.extra.insert(k.into(), v);
+    }
+    r.notes.push(format!(
+        "RSS {:.1} MB idle, {:.1} MB with {} subscribers ({per_sub:.1} KB each)",
+        idle_rss as f64 / 1024.0,
+        subscribed_rss as f64 / 1024.0,
+        args.subscribers
+    ));
+    if is_noop {
+        r.notes
+            .push("no-op server delivers nothing: latency is its Put round trip".into());
+    } else {
+        r.notes.push(format!(
+            "delivered {delivered}/{expected}; latency from before the Put to receipt"
+        ));
+        if delivered != expected {
+            r.failed.push(format!(
+                "fanout delivered {delivered} of {expected} notifications"
+            ));
+        }
+    }
+    Ok(r)
+}
+
+/// Channels for many streams: at most 250 streams per connection.
+async fn connections_for(
+    addr: SocketAddr,
+    channels: &[Channel],
+    streams: usize,
+) -> Result<Vec<Channel>, String> {
+    let want = streams.div_ceil(250).max(1);
+    let mut out = channels.to_vec();
+    if want > out.len() {
+        out.extend(connections(addr, want - out.len()).await?);
+    }
+    Ok(out)
+}
+
+/// Reads a stream's notifications until it has seen `last` (sent on
+/// `last_rx` once the writers are done) or `deadline` passes; calls `on`
+/// with each notification's seq.
+async fn read_until_last(
+    mut stream: tonic::Streaming<pb::SubscribeResponse>,
+    mut last_rx: tokio::sync::watch::Receiver<u64>,
+    deadline: tokio::time::Instant,
+    mut on: impl FnMut(u64),
+) {
+    let mut seen = 0u64;
+    loop {
+        if seen >= *last_rx.borrow() {
+            return;
+        }
+        tokio::select! {
+            msg = tokio::time::timeout_at(deadline, stream.message()) => match msg {
+                Ok(Ok(Some(pb::SubscribeResponse { event: Some(Event::Notification(n)) }))) => {
+                    seen = n.seq;
+                    on(n.seq);
+                }
+                Ok(Ok(Some(_))) => {}
+                _ => return,
+            },
+            changed = last_rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// One subscriber replays `--events` logged events from since=0.
+async fn replay(args: &WorkloadArgs, pid: Option<u32>, all: Vec<Client>) -> Result<Report, String> {
+    let mut c = all[0].clone();
+    create_database(&mut c, "replay", "replay.key").await?;
+    let revs = preload(&all, "replay", args.events).await?;
+    let expected = revs.len() as u64;
+    let rss = rss_kb(pid);
+    let start = Instant::now();
+    let mut s = c
+        .subscribe(pb::SubscribeRequest {
+            sync_keys: vec!["replay.key".into()],
+            since: Some(0),
+            alias: String::new(),
+        })
+        .await
+        .map_err(|e| format!("Subscribe: {e}"))?
+        .into_inner();
+    let mut got = 0u64;
+    let mut last = 0;
+    let mut in_order = true;
+    while let Ok(Some(msg)) = s.message().await {
+        match msg.event {
+            Some(Event::Notification(n)) => {
+                in_order &= n.seq > last;
+                last = n.seq;
+                got += 1;
+            }
+            Some(Event::Subscribed(_)) | None => break,
+            Some(Event::Progress(_)) => {}
+        }
+    }
+    let elapsed = start.elapsed();
+    let mut r = Totals {
+        ops: got,
+        ..Default::default()
+    }
+    .into_report(args, elapsed);
+    r.clients = 1;
+    r.rss_start_kb = rss;
+    r.extra.insert("events".into(), expected.into());
+    r.extra.insert("replayed".into(), got.into());
+    if got == 0 {
+        r.notes.push("no-op server replays nothing".into());
+    } else if got != expected || !in_order {
+        r.failed.push(format!(
+            "replayed {got} of {expected} events (in order: {in_order})"
+        ));
+    }
+    Ok(r)
+}
+
+/// Writers and subscribers together for the whole duration. Fails on any
+/// error but a conflict, or any event a subscriber did not receive in order.
+async fn soak(
+    addr: SocketAddr,
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    channels: &[Channel],
+    all: Vec<Client>,
+    duration: Duration,
+) -> Result<Report, String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let sub_channels = connections_for(addr, channels, args.subscribers).await?;
+    let streams = open_subscribers(&sub_channels, "bench.key", args.subscribers).await?;
+    let rss_start = rss_kb(pid);
+    let (last_tx, last_rx) = tokio::sync::watch::channel(u64::MAX);
+    let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(60);
+    let receivers: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let last_rx = last_rx.clone();
+            tokio::spawn(async move {
+                let (mut got, mut prev, mut ordered) = (0u64, 0u64, true);
+                read_until_last(s, last_rx, deadline, |seq| {
+                    ordered &= seq > prev;
+                    prev = seq;
+                    got += 1;
+                })
+                .await;
+                (got, ordered)
+            })
+        })
+        .collect();
+    // Writers: each creates a document, then CAS-updates it 4 times.
+    let states: Vec<(Client, usize, String)> = all
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| (c, k, String::new()))
+        .collect();
+    let max_seq = Arc::new(AtomicU64::new(0));
+    let m = max_seq.clone();
+    let (totals, elapsed) = drive(states, duration, move |(mut c, k, rev), n| {
+        let m = m.clone();
+        async move {
+            let (id, rev) = if n % 5 == 0 || rev.is_empty() {
+                (format!("s{k}-{n}"), String::new())
+            } else {
+                (format!("s{k}-{}", n - n % 5), rev)
+            };
+            match c.put(put_request("bench", id, rev, n)).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    m.fetch_max(r.seq, Ordering::AcqRel);
+                    ((c, k, r.rev), Outcome::Ok(1))
+                }
+                Err(s) if s.code() == Code::Aborted => ((c, k, String::new()), Outcome::Conflict),
+                Err(_) => ((c, k, String::new()), Outcome::Error),
+            }
+        }
+    })
+    .await;
+    let _ = last_tx.send(max_seq.load(Ordering::Acquire));
+    let (mut delivered, mut all_ordered) = (0, true);
+    for r in receivers {
+        let (got, ordered) = r.await.map_err(|e| e.to_string())?;
+        delivered += got;
+        all_ordered &= ordered;
+    }
+    let expected = totals.ops * args.subscribers as u64;
+    let rss_end = rss_kb(pid);
+    let mut r = totals.into_report(args, elapsed);
+    r.rss_start_kb = rss_start;
+    for (k, v) in [
+        ("subscribers", serde_json::Value::from(args.subscribers)),
+        ("delivered", delivered.into()),
+        ("expected", expected.into()),
+    ] {
+        r.extra.insert(k.into(), v);
+    }
+    r.notes.push(format!(
+        "{} writers, {} subscribers: delivered {delivered}/{expected} notifications; server RSS {:.1} MB at start, {:.1} MB at end",
+        args.clients,
+        args.subscribers,
+        rss_start as f64 / 1024.0,
+        rss_end as f64 / 1024.0
+    ));
+    if r.errors > 0 {
+        r.failed
+            .push(format!("{} errors other than conflicts", r.errors));
+    }
+    if delivered != expected || !all_ordered {
+        r.failed.push(format!(
+            "delivered {delivered} of {expected} notifications (in order: {all_ordered})"
+        ));
+    }
+    Ok(r)
+}
