@@ -73,9 +73,10 @@ impl Body {
     fn from_map(map: Map<String, Value>) -> Self {
         // serde_json's Map is a BTreeMap (the `preserve_order` feature is
         // off), so serialization sorts keys: this is the canonical form.
-        let canonical = Value::Object(map).to_string();
-        let Ok(Value::Object(map)) = serde_json::from_str(&canonical) else {
-            unreachable!("a serialized JSON object parses back as an object")
+        let value = Value::Object(map);
+        let canonical = value.to_string();
+        let Value::Object(map) = value else {
+            unreachable!("built as an object just above")
         };
         Body { map, canonical }
     }

@@ -1,25 +1,29 @@
 //! The single writer: the only task that writes to SQLite. It takes every
 //! request queued on its channel (up to `max_batch`) and commits them in one
 //! transaction, so N concurrent writers pay for one fsync, not N (group
-//! commit). Each request runs inside its own savepoint, so a storage failure
-//! in one request undoes only that request. Replies are sent, and events
-//! published, only after the commit succeeded: nothing is acknowledged or
-//! announced before it is durable.
+//! commit). Within a batch it works in memory: one query reads the current
+//! revision of every document the batch touches, the requests are checked
+//! and applied in order against that state, and the results are written with
+//! a few multi-row statements. Each SQL round trip costs two thread switches
+//! (sqlx runs SQLite on a worker thread), so a batch costs a handful of them,
+//! not several per write. Replies are sent, and events published, only after
+//! the commit succeeded: nothing is acknowledged or announced before it is
+//! durable. A failed commit fails every request of its batch.
 //!
-//! Invariants: seqs are assigned here, in commit order, from `last_seq`, and
-//! `counters.last_seq` is written in the same transaction; events are
+//! Invariants: seqs are assigned here, in request order, from `last_seq`,
+//! and `counters.last_seq` is written in the same transaction; events are
 //! published in seq order, one batch after another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
+use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Publisher, parse_stored_rev, to_i64, to_u64};
 use crate::domain::{
-    Alias, Body, DatabaseInfo, DbName, DocChange, DocWrite, Document, Error, Event, Result, Rev,
-    SyncKey, WriteOutcome,
+    Alias, Body, DatabaseInfo, DbName, DocChange, DocId, DocWrite, Document, Error, Event, Result,
+    Rev, SyncKey, WriteOutcome,
 };
 
 /// What the writer is asked to do.
@@ -70,6 +74,10 @@ pub(super) struct Retention {
 
 /// Most events deleted in one batch, so pruning never stalls writers.
 const PRUNE_CHUNK: u64 = 10_000;
+/// Rows per multi-row statement (SQLite allows 32766 bound values).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+type Reply = oneshot::Sender<Result<Outcome>>;
 
 pub(super) struct Writer {
     conn: SqliteConnection,
@@ -78,37 +86,72 @@ pub(super) struct Writer {
     max_batch: usize,
     retention: Retention,
     publish: Publisher,
+    /// Every database, by name: only the writer creates and deletes them.
+    databases: HashMap<DbName, DbRow>,
 }
 
+#[derive(Debug, Clone)]
 struct DbRow {
     id: i64,
-    name: DbName,
     sync_key: SyncKey,
 }
 
-/// The current state of a document, as the writer checks revisions.
+/// A document's state as the batch sees it.
+#[derive(Debug, Clone)]
 struct Current {
     rev: Rev,
     deleted: bool,
+    seq: u64,
+    /// Set when this batch wrote the document (the body is not in SQLite yet).
+    body: Option<Body>,
+}
+
+/// One document row to write.
+struct DocRow {
+    db_id: i64,
+    id: DocId,
+    rev: Rev,
+    deleted: bool,
+    body: Body,
+    seq: u64,
+}
+
+/// What a batch has decided and not yet written.
+#[derive(Default)]
+struct Pending {
+    /// Current state of documents, keyed by (database id, document id);
+    /// `None`: known not to exist.
+    docs: HashMap<(i64, DocId), Option<Current>>,
+    /// Databases whose touched documents were all read into `docs`.
+    prefetched: HashSet<i64>,
+    rows: Vec<DocRow>,
+    events: Vec<Event>,
+    /// Per database: the change in live documents and the highest seq.
+    counters: HashMap<i64, (i64, u64)>,
+    /// Conflicts whose current document must be read after the batch:
+    /// (op index, item index, database id).
+    conflicts: Vec<(usize, usize, i64)>,
 }
 
 impl Writer {
-    pub(super) fn new(
-        conn: SqliteConnection,
+    pub(super) async fn new(
+        mut conn: SqliteConnection,
         rx: mpsc::Receiver<Command>,
         last_seq: u64,
         max_batch: usize,
         retention: Retention,
         publish: Publisher,
-    ) -> Self {
-        Writer {
+    ) -> Result<Self> {
+        let databases = load_databases(&mut conn).await?;
+        Ok(Writer {
             conn,
             rx,
             last_seq,
             max_batch,
             retention,
             publish,
-        }
+            databases,
+        })
     }
 
     pub(super) async fn run(mut self) {
@@ -152,77 +195,507 @@ impl Writer {
         }
     }
 
-    async fn commit_batch(&mut self, ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>) {
+    async fn commit_batch(&mut self, ops: Vec<(Op, Reply)>) {
         let before = (self.last_seq, self.retention);
-        let mut results = Vec::with_capacity(ops.len());
+        let (ops, replies): (Vec<Op>, Vec<Reply>) = ops.into_iter().unzip();
         let mut events = Vec::new();
-        match self.run_batch(ops, &mut results, &mut events).await {
-            Ok(()) => {
+        match self.run_batch(ops, &mut events).await {
+            Ok(results) => {
                 if !events.is_empty() {
                     (self.publish)(&events);
                 }
                 // A caller that went away (cancelled RPC) no longer needs the
                 // reply; the write is committed either way.
-                for (reply, result) in results {
+                for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; the whole batch is rolled back");
+                tracing::error!(error = %e, "batch failed; it is rolled back");
                 if let Err(e) = execute(&mut self.conn, "ROLLBACK").await {
                     tracing::error!(error = %e, "rollback failed");
                 }
                 (self.last_seq, self.retention) = before;
-                for (reply, _) in results {
+                // Database creates/deletes of the batch were rolled back too.
+                match load_databases(&mut self.conn).await {
+                    Ok(dbs) => self.databases = dbs,
+                    Err(e) => tracing::error!(error = %e, "cannot reload databases"),
+                }
+                for reply in replies {
                     let _ = reply.send(Err(Error::Storage(
-                        "the transaction failed to commit".into(),
+                        "the transaction failed to commit; nothing of this request was applied"
+                            .into(),
                     )));
                 }
             }
         }
     }
 
+    /// Runs the batch in one transaction; returns one result per op and
+    /// fills `events` with what to publish after the commit.
     async fn run_batch(
         &mut self,
-        ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>,
-        results: &mut Vec<(oneshot::Sender<Result<Outcome>>, Result<Outcome>)>,
+        ops: Vec<Op>,
         events: &mut Vec<Event>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Result<Outcome>>> {
         let seq_before = self.last_seq;
         execute(&mut self.conn, "BEGIN").await?;
-        for (op, reply) in ops {
-            let result = apply(&mut self.conn, &mut self.last_seq, events, op).await;
-            results.push((reply, result));
+        let mut pending = Pending::default();
+        self.prefetch(&ops, &mut pending).await?;
+        let mut results = Vec::with_capacity(ops.len());
+        for (index, op) in ops.into_iter().enumerate() {
+            let result = match op {
+                Op::CreateDatabase { name, sync_key } => {
+                    self.flush(&mut pending, events).await?;
+                    self.create_database(name, sync_key).await
+                }
+                Op::DeleteDatabase { name } => {
+                    self.flush(&mut pending, events).await?;
+                    self.delete_database(&name, &mut pending).await
+                }
+                Op::Write { database, writes } => {
+                    self.write_docs(index, &database, writes, &mut pending)
+                        .await
+                }
+                Op::Notify {
+                    sync_key,
+                    aliases,
+                    attributes,
+                } => {
+                    self.last_seq += 1;
+                    pending.events.push(Event {
+                        seq: self.last_seq,
+                        sync_key,
+                        database: None,
+                        id: None,
+                        rev: None,
+                        deleted: false,
+                        aliases,
+                        attributes,
+                    });
+                    Ok(Outcome::Notified(self.last_seq))
+                }
+            };
+            // Storage failures abort the whole batch (its transaction is
+            // rolled back by the caller); everything else is the op's answer.
+            match result {
+                Err(e @ Error::Storage(_)) => return Err(e),
+                other => results.push(other),
+            }
+        }
+        self.fill_conflicts(&mut pending, &mut results).await?;
+        self.flush(&mut pending, events).await?;
+        // Counters, pruning and the commit in one round trip. Every value is
+        // an integer the writer computed, so writing them into the SQL text is
+        // safe.
+        let mut tail = String::new();
+        for (db_id, (delta, update_seq)) in std::mem::take(&mut pending.counters) {
+            tail.push_str(&format!(
+                "UPDATE databases SET doc_count = doc_count + {delta}, update_seq = {} WHERE id = {db_id};\n",
+                to_i64(update_seq)
+            ));
         }
         if self.last_seq != seq_before {
-            sqlx::query("UPDATE counters SET value = ?1 WHERE name = 'last_seq'")
-                .bind(to_i64(self.last_seq))
-                .execute(&mut self.conn)
-                .await?;
-            self.prune().await?;
+            tail.push_str(&format!(
+                "UPDATE counters SET value = {} WHERE name = 'last_seq';\n",
+                to_i64(self.last_seq)
+            ));
+            if let Some(through) = self.prune_target() {
+                tail.push_str(&format!(
+                    "DELETE FROM events WHERE seq <= {through};\n\
+                     UPDATE counters SET value = {through} WHERE name = 'pruned_through';\n"
+                ));
+                self.retention.pruned_through = u64::try_from(through).unwrap_or(0);
+            }
         }
-        execute(&mut self.conn, "COMMIT").await
+        tail.push_str("COMMIT;");
+        sqlx::query(&tail)
+            .persistent(false)
+            .execute(&mut self.conn)
+            .await?;
+        Ok(results)
     }
 
-    /// Deletes events beyond the retention, at most `PRUNE_CHUNK` per batch.
-    async fn prune(&mut self) -> Result<()> {
-        let Some(target) = self.last_seq.checked_sub(self.retention.keep) else {
-            return Ok(());
-        };
-        if target <= self.retention.pruned_through {
-            return Ok(());
+    /// Reads, in one query per database, the current revision of every
+    /// document the batch's writes touch.
+    async fn prefetch(&mut self, ops: &[Op], pending: &mut Pending) -> Result<()> {
+        let mut wanted: HashMap<i64, Vec<&DocId>> = HashMap::new();
+        for op in ops {
+            if let Op::Write { database, writes } = op
+                && let Some(db) = self.databases.get(database)
+            {
+                wanted
+                    .entry(db.id)
+                    .or_default()
+                    .extend(writes.iter().map(|w| &w.id));
+            }
         }
-        let through = target.min(self.retention.pruned_through + PRUNE_CHUNK);
-        sqlx::query("DELETE FROM events WHERE seq <= ?1")
-            .bind(to_i64(through))
-            .execute(&mut self.conn)
-            .await?;
-        sqlx::query("UPDATE counters SET value = ?1 WHERE name = 'pruned_through'")
-            .bind(to_i64(through))
-            .execute(&mut self.conn)
-            .await?;
-        self.retention.pruned_through = through;
+        for (db_id, mut ids) in wanted {
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT id, rev, deleted, seq FROM docs WHERE db_id = ",
+                );
+                query.push_bind(db_id).push(" AND id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                query.push(")");
+                for id in chunk {
+                    pending.docs.insert((db_id, (*id).clone()), None);
+                }
+                let rows = query
+                    .build()
+                    .persistent(false)
+                    .fetch_all(&mut self.conn)
+                    .await?;
+                for row in rows {
+                    let id = DocId::parse("stored id", row.try_get("id")?)?;
+                    pending.docs.insert(
+                        (db_id, id),
+                        Some(Current {
+                            rev: parse_stored_rev(row.try_get("rev")?)?,
+                            deleted: row.try_get("deleted")?,
+                            seq: to_u64(row.try_get("seq")?),
+                            body: None,
+                        }),
+                    );
+                }
+            }
+            pending.prefetched.insert(db_id);
+        }
         Ok(())
+    }
+
+    /// The state of one document: from the batch's map, else from SQLite
+    /// (only for databases created within this batch, or not prefetched).
+    async fn current(
+        &mut self,
+        pending: &mut Pending,
+        db_id: i64,
+        id: &DocId,
+    ) -> Result<Option<Current>> {
+        if let Some(state) = pending.docs.get(&(db_id, id.clone())) {
+            return Ok(state.clone());
+        }
+        if pending.prefetched.contains(&db_id) {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT rev, deleted, seq FROM docs WHERE db_id = ?1 AND id = ?2")
+            .bind(db_id)
+            .bind(id.as_str())
+            .fetch_optional(&mut self.conn)
+            .await?;
+        let state = match row {
+            Some(row) => Some(Current {
+                rev: parse_stored_rev(row.try_get("rev")?)?,
+                deleted: row.try_get("deleted")?,
+                seq: to_u64(row.try_get("seq")?),
+                body: None,
+            }),
+            None => None,
+        };
+        pending.docs.insert((db_id, id.clone()), state.clone());
+        Ok(state)
+    }
+
+    /// Applies document writes in order, each on its own.
+    async fn write_docs(
+        &mut self,
+        op_index: usize,
+        database: &DbName,
+        writes: Vec<DocWrite>,
+        pending: &mut Pending,
+    ) -> Result<Outcome> {
+        let db = self
+            .databases
+            .get(database)
+            .cloned()
+            .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        let mut results = Vec::with_capacity(writes.len());
+        for (item, write) in writes.into_iter().enumerate() {
+            let current = self.current(pending, db.id, &write.id).await?;
+            results.push(self.write_doc(op_index, item, database, &db, write, current, pending));
+        }
+        Ok(Outcome::Written(results))
+    }
+
+    /// One document write against the batch's state: checks the revision,
+    /// assigns the seq and records the row and event to write.
+    #[allow(clippy::too_many_arguments)]
+    fn write_doc(
+        &mut self,
+        op_index: usize,
+        item: usize,
+        database: &DbName,
+        db: &DbRow,
+        write: DocWrite,
+        current: Option<Current>,
+        pending: &mut Pending,
+    ) -> Result<WriteOutcome> {
+        let names = |c: &Current| write.rev.as_ref() == Some(&c.rev);
+        let (parent, delta) = match (&write.change, &current) {
+            // Create: nothing there yet.
+            (DocChange::Put(_), None) if write.rev.is_none() => (None, 1),
+            // Update of a live document naming its current revision.
+            (DocChange::Put(_), Some(c)) if !c.deleted && names(c) => (Some(c.rev.clone()), 0),
+            // Recreate over a tombstone: its generation continues.
+            (DocChange::Put(_), Some(c)) if c.deleted && (write.rev.is_none() || names(c)) => {
+                (Some(c.rev.clone()), 1)
+            }
+            (DocChange::Delete, None) => return Err(not_found(database, &write.id)),
+            (DocChange::Delete, Some(c)) if c.deleted => {
+                return Err(not_found(database, &write.id));
+            }
+            (DocChange::Delete, Some(c)) if names(c) => (Some(c.rev.clone()), -1),
+            (_, current) => {
+                let current_doc = current.as_ref().and_then(|c| match (&c.body, c.deleted) {
+                    (Some(body), false) => Some(Box::new(Document {
+                        id: write.id.clone(),
+                        rev: c.rev.clone(),
+                        body: body.clone(),
+                        seq: c.seq,
+                    })),
+                    _ => None,
+                });
+                if current
+                    .as_ref()
+                    .is_some_and(|c| !c.deleted && c.body.is_none())
+                {
+                    // The live body is in SQLite: read it after the batch.
+                    pending.conflicts.push((op_index, item, db.id));
+                }
+                return Err(Error::Conflict {
+                    database: database.to_string(),
+                    id: write.id,
+                    sent_rev: write.rev,
+                    current_rev: current.as_ref().map(|c| c.rev.clone()),
+                    current: current_doc,
+                });
+            }
+        };
+        let (deleted, body) = match write.change {
+            DocChange::Put(body) => (false, body),
+            DocChange::Delete => (true, Body::empty()),
+        };
+        let rev = Rev::next(parent.as_ref(), deleted, &body);
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        pending.docs.insert(
+            (db.id, write.id.clone()),
+            Some(Current {
+                rev: rev.clone(),
+                deleted,
+                seq,
+                body: (!deleted).then(|| body.clone()),
+            }),
+        );
+        pending.events.push(Event {
+            seq,
+            sync_key: db.sync_key.clone(),
+            database: Some(database.clone()),
+            id: Some(write.id.clone()),
+            rev: Some(rev.clone()),
+            deleted,
+            aliases: write.aliases,
+            attributes: BTreeMap::new(),
+        });
+        pending.rows.push(DocRow {
+            db_id: db.id,
+            id: write.id.clone(),
+            rev: rev.clone(),
+            deleted,
+            body,
+            seq,
+        });
+        let counters = pending.counters.entry(db.id).or_default();
+        counters.0 += delta;
+        counters.1 = seq;
+        Ok(WriteOutcome {
+            id: write.id,
+            rev,
+            seq,
+        })
+    }
+
+    /// Puts the current live document into conflicts whose body is in SQLite
+    /// (documents this batch did not write), reading them in one query per
+    /// database.
+    async fn fill_conflicts(
+        &mut self,
+        pending: &mut Pending,
+        results: &mut [Result<Outcome>],
+    ) -> Result<()> {
+        let conflicts = std::mem::take(&mut pending.conflicts);
+        let mut wanted: HashMap<i64, Vec<DocId>> = HashMap::new();
+        for (op_index, item, db_id) in &conflicts {
+            if let Some(Ok(Outcome::Written(items))) = results.get(*op_index)
+                && let Some(Err(Error::Conflict { id, .. })) = items.get(*item)
+            {
+                wanted.entry(*db_id).or_default().push(id.clone());
+            }
+        }
+        let mut found: HashMap<(i64, DocId), Document> = HashMap::new();
+        for (db_id, mut ids) in wanted {
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT id, rev, body, seq FROM docs WHERE deleted = 0 AND db_id = ",
+                );
+                query.push_bind(db_id).push(" AND id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                query.push(")");
+                for row in query
+                    .build()
+                    .persistent(false)
+                    .fetch_all(&mut self.conn)
+                    .await?
+                {
+                    let id = DocId::parse("stored id", row.try_get("id")?)?;
+                    let doc = Document {
+                        id: id.clone(),
+                        rev: parse_stored_rev(row.try_get("rev")?)?,
+                        body: Body::from_canonical_json(row.try_get("body")?)?,
+                        seq: to_u64(row.try_get("seq")?),
+                    };
+                    found.insert((db_id, id), doc);
+                }
+            }
+        }
+        for (op_index, item, db_id) in conflicts {
+            if let Some(Ok(Outcome::Written(items))) = results.get_mut(op_index)
+                && let Some(Err(Error::Conflict {
+                    id,
+                    current_rev: Some(rev),
+                    current,
+                    ..
+                })) = items.get_mut(item)
+                && let Some(doc) = found.get(&(db_id, id.clone()))
+                && doc.rev == *rev
+            {
+                *current = Some(Box::new(doc.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the batch's pending documents, events and counters.
+    async fn flush(&mut self, pending: &mut Pending, events: &mut Vec<Event>) -> Result<()> {
+        // Only a document's last state in the batch needs writing.
+        let mut rows = std::mem::take(&mut pending.rows);
+        let mut seen = HashSet::new();
+        rows.reverse();
+        rows.retain(|r| seen.insert((r.db_id, r.id.clone())));
+        rows.reverse();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO docs (db_id, id, rev, deleted, body, seq) ",
+            );
+            query.push_values(chunk, |mut b, row| {
+                b.push_bind(row.db_id)
+                    .push_bind(row.id.as_str())
+                    .push_bind(row.rev.to_string())
+                    .push_bind(row.deleted)
+                    .push_bind(row.body.canonical_json())
+                    .push_bind(to_i64(row.seq));
+            });
+            query.push(
+                " ON CONFLICT (db_id, id) DO UPDATE SET rev = excluded.rev, \
+                 deleted = excluded.deleted, body = excluded.body, seq = excluded.seq",
+            );
+            query
+                .build()
+                .persistent(false)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        let new_events = std::mem::take(&mut pending.events);
+        for chunk in new_events.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes) ",
+            );
+            query.push_values(chunk, |mut b, event| {
+                b.push_bind(to_i64(event.seq))
+                    .push_bind(event.sync_key.as_str())
+                    .push_bind(event.database.as_ref().map_or("", DbName::as_str))
+                    .push_bind(event.id.as_ref().map_or("", DocId::as_str))
+                    .push_bind(event.rev.as_ref().map(Rev::to_string).unwrap_or_default())
+                    .push_bind(event.deleted)
+                    .push_bind(aliases_json(&event.aliases))
+                    .push_bind(attributes_json(&event.attributes));
+            });
+            query
+                .build()
+                .persistent(false)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        events.extend(new_events);
+        Ok(())
+    }
+
+    async fn create_database(&mut self, name: DbName, sync_key: SyncKey) -> Result<Outcome> {
+        if self.databases.contains_key(&name) {
+            return Err(Error::DatabaseExists(name.to_string()));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO databases (name, sync_key) VALUES (?1, ?2) RETURNING id",
+        )
+        .bind(name.as_str())
+        .bind(sync_key.as_str())
+        .fetch_one(&mut self.conn)
+        .await?;
+        self.databases.insert(
+            name.clone(),
+            DbRow {
+                id,
+                sync_key: sync_key.clone(),
+            },
+        );
+        Ok(Outcome::Database(DatabaseInfo {
+            name,
+            sync_key,
+            doc_count: 0,
+            update_seq: 0,
+        }))
+    }
+
+    async fn delete_database(&mut self, name: &DbName, pending: &mut Pending) -> Result<Outcome> {
+        let db = self
+            .databases
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::DatabaseNotFound(name.to_string()))?;
+        sqlx::query("DELETE FROM docs WHERE db_id = ?1")
+            .bind(db.id)
+            .execute(&mut self.conn)
+            .await?;
+        sqlx::query("DELETE FROM databases WHERE id = ?1")
+            .bind(db.id)
+            .execute(&mut self.conn)
+            .await?;
+        self.databases.remove(name);
+        pending.docs.retain(|(db_id, _), _| *db_id != db.id);
+        pending.prefetched.remove(&db.id);
+        Ok(Outcome::Deleted)
+    }
+
+    /// Up to which seq to delete events beyond the retention now, at most
+    /// `PRUNE_CHUNK` per batch so pruning never stalls writers.
+    fn prune_target(&self) -> Option<i64> {
+        let target = self.last_seq.checked_sub(self.retention.keep)?;
+        if target <= self.retention.pruned_through {
+            return None;
+        }
+        Some(to_i64(
+            target.min(self.retention.pruned_through + PRUNE_CHUNK),
+        ))
     }
 
     async fn checkpoint_and_close(self) {
@@ -239,63 +712,21 @@ impl Writer {
     }
 }
 
-/// Runs one op inside a savepoint. A storage failure rolls back just this op,
-/// its seqs and its events, and answers it with the error.
-async fn apply(
-    conn: &mut SqliteConnection,
-    last_seq: &mut u64,
-    events: &mut Vec<Event>,
-    op: Op,
-) -> Result<Outcome> {
-    let (seq_before, events_before) = (*last_seq, events.len());
-    execute(conn, "SAVEPOINT op").await?;
-    let result = match op {
-        Op::CreateDatabase { name, sync_key } => create_database(conn, name, sync_key)
-            .await
-            .map(Outcome::Database),
-        Op::DeleteDatabase { name } => delete_database(conn, &name)
-            .await
-            .map(|()| Outcome::Deleted),
-        Op::Write { database, writes } => write_docs(conn, last_seq, events, &database, writes)
-            .await
-            .map(Outcome::Written),
-        Op::Notify {
-            sync_key,
-            aliases,
-            attributes,
-        } => {
-            *last_seq += 1;
-            let event = Event {
-                seq: *last_seq,
-                sync_key,
-                database: None,
-                id: None,
-                rev: None,
-                deleted: false,
-                aliases,
-                attributes,
-            };
-            insert_event(conn, &event).await.map(|()| {
-                events.push(event);
-                Outcome::Notified(*last_seq)
-            })
-        }
-    };
-    let storage_failed = match &result {
-        Err(Error::Storage(_)) => true,
-        Ok(Outcome::Written(items)) => items.iter().any(|i| matches!(i, Err(Error::Storage(_)))),
-        _ => false,
-    };
-    if storage_failed {
-        *last_seq = seq_before;
-        events.truncate(events_before);
-        // ROLLBACK TO undoes the op; RELEASE then ends the savepoint.
-        execute(conn, "ROLLBACK TO op").await?;
-        execute(conn, "RELEASE op").await?;
-        return Err(Error::Storage("the write was rolled back".into()));
-    }
-    execute(conn, "RELEASE op").await?;
-    result
+async fn load_databases(conn: &mut SqliteConnection) -> Result<HashMap<DbName, DbRow>> {
+    let rows = sqlx::query("SELECT id, name, sync_key FROM databases")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                DbName::parse("stored name", row.try_get("name")?)?,
+                DbRow {
+                    id: row.try_get("id")?,
+                    sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Runs a statement that returns nothing (transaction control).
@@ -304,236 +735,21 @@ async fn execute(conn: &mut SqliteConnection, sql: &'static str) -> Result<()> {
     Ok(())
 }
 
-async fn find_database(conn: &mut SqliteConnection, name: &DbName) -> Result<DbRow> {
-    let row = sqlx::query("SELECT id, sync_key FROM databases WHERE name = ?1")
-        .bind(name.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| Error::DatabaseNotFound(name.to_string()))?;
-    Ok(DbRow {
-        id: row.try_get("id")?,
-        name: name.clone(),
-        sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
-    })
+fn aliases_json(aliases: &[Alias]) -> String {
+    serde_json::Value::from(aliases.iter().map(Alias::as_str).collect::<Vec<_>>()).to_string()
 }
 
-async fn create_database(
-    conn: &mut SqliteConnection,
-    name: DbName,
-    sync_key: SyncKey,
-) -> Result<DatabaseInfo> {
-    let inserted = sqlx::query(
-        "INSERT INTO databases (name, sync_key) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(name.as_str())
-    .bind(sync_key.as_str())
-    .execute(&mut *conn)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(Error::DatabaseExists(name.to_string()));
-    }
-    Ok(DatabaseInfo {
-        name,
-        sync_key,
-        doc_count: 0,
-        update_seq: 0,
-    })
-}
-
-async fn delete_database(conn: &mut SqliteConnection, name: &DbName) -> Result<()> {
-    let db = find_database(conn, name).await?;
-    sqlx::query("DELETE FROM docs WHERE db_id = ?1")
-        .bind(db.id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM databases WHERE id = ?1")
-        .bind(db.id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Applies document writes in order; each fails or succeeds on its own.
-async fn write_docs(
-    conn: &mut SqliteConnection,
-    last_seq: &mut u64,
-    events: &mut Vec<Event>,
-    database: &DbName,
-    writes: Vec<DocWrite>,
-) -> Result<Vec<Result<WriteOutcome>>> {
-    let db = find_database(conn, database).await?;
-    let mut results = Vec::with_capacity(writes.len());
-    let mut live_delta: i64 = 0;
-    let seq_before = *last_seq;
-    for write in writes {
-        match write_doc(conn, last_seq, &db, write).await {
-            Ok((outcome, delta, event)) => {
-                live_delta += delta;
-                events.push(event);
-                results.push(Ok(outcome));
-            }
-            // The savepoint around this op is rolled back by `apply`.
-            Err(e @ Error::Storage(_)) => return Err(e),
-            Err(e) => results.push(Err(e)),
-        }
-    }
-    if *last_seq != seq_before {
-        sqlx::query(
-            "UPDATE databases SET doc_count = doc_count + ?1, update_seq = ?2 WHERE id = ?3",
-        )
-        .bind(live_delta)
-        .bind(to_i64(*last_seq))
-        .bind(db.id)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(results)
-}
-
-/// One document write: checks the revision, stores the new one and logs the
-/// event. Returns the outcome, the change in live documents (-1, 0, 1) and
-/// the event to publish after commit.
-async fn write_doc(
-    conn: &mut SqliteConnection,
-    last_seq: &mut u64,
-    db: &DbRow,
-    write: DocWrite,
-) -> Result<(WriteOutcome, i64, Event)> {
-    let current = sqlx::query("SELECT rev, deleted FROM docs WHERE db_id = ?1 AND id = ?2")
-        .bind(db.id)
-        .bind(write.id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    let current = match current {
-        Some(row) => Some(Current {
-            rev: parse_stored_rev(row.try_get("rev")?)?,
-            deleted: row.try_get("deleted")?,
-        }),
-        None => None,
-    };
-    let names_current = |c: &Current| write.rev.as_ref() == Some(&c.rev);
-    let (parent, delta) = match (&write.change, current) {
-        // Create: nothing there yet.
-        (DocChange::Put(_), None) if write.rev.is_none() => (None, 1),
-        // Update of a live document naming its current revision.
-        (DocChange::Put(_), Some(c)) if !c.deleted && names_current(&c) => (Some(c.rev), 0),
-        // Recreate over a tombstone: its generation continues.
-        (DocChange::Put(_), Some(c)) if c.deleted && (write.rev.is_none() || names_current(&c)) => {
-            (Some(c.rev), 1)
-        }
-        (DocChange::Delete, None) => return Err(not_found(db, &write)),
-        (DocChange::Delete, Some(c)) if c.deleted => return Err(not_found(db, &write)),
-        (DocChange::Delete, Some(c)) if names_current(&c) => (Some(c.rev), -1),
-        (_, current) => return Err(conflict(conn, db, write, current).await),
-    };
-    let (deleted, body) = match write.change {
-        DocChange::Put(body) => (false, body),
-        DocChange::Delete => (true, Body::empty()),
-    };
-    let rev = Rev::next(parent.as_ref(), deleted, &body);
-    *last_seq += 1;
-    sqlx::query(
-        "INSERT INTO docs (db_id, id, rev, deleted, body, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (db_id, id) DO UPDATE
-         SET rev = excluded.rev, deleted = excluded.deleted, body = excluded.body, seq = excluded.seq",
-    )
-    .bind(db.id)
-    .bind(write.id.as_str())
-    .bind(rev.to_string())
-    .bind(deleted)
-    .bind(body.canonical_json())
-    .bind(to_i64(*last_seq))
-    .execute(&mut *conn)
-    .await?;
-    let event = Event {
-        seq: *last_seq,
-        sync_key: db.sync_key.clone(),
-        database: Some(db.name.clone()),
-        id: Some(write.id.clone()),
-        rev: Some(rev.clone()),
-        deleted,
-        aliases: write.aliases,
-        attributes: BTreeMap::new(),
-    };
-    insert_event(conn, &event).await?;
-    let outcome = WriteOutcome {
-        id: write.id,
-        rev,
-        seq: *last_seq,
-    };
-    Ok((outcome, delta, event))
-}
-
-async fn insert_event(conn: &mut SqliteConnection, event: &Event) -> Result<()> {
-    let aliases =
-        serde_json::Value::from(event.aliases.iter().map(Alias::as_str).collect::<Vec<_>>());
-    let attributes: serde_json::Map<String, serde_json::Value> = event
-        .attributes
+fn attributes_json(attributes: &BTreeMap<String, String>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
         .collect();
-    sqlx::query(
-        "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )
-    .bind(to_i64(event.seq))
-    .bind(event.sync_key.as_str())
-    .bind(event.database.as_ref().map_or("", DbName::as_str))
-    .bind(event.id.as_ref().map_or("", crate::domain::DocId::as_str))
-    .bind(event.rev.as_ref().map(Rev::to_string).unwrap_or_default())
-    .bind(event.deleted)
-    .bind(aliases.to_string())
-    .bind(serde_json::Value::Object(attributes).to_string())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    serde_json::Value::Object(map).to_string()
 }
 
-fn not_found(db: &DbRow, write: &DocWrite) -> Error {
+fn not_found(database: &DbName, id: &DocId) -> Error {
     Error::DocumentNotFound {
-        database: db.name.to_string(),
-        id: write.id.to_string(),
+        database: database.to_string(),
+        id: id.to_string(),
     }
-}
-
-/// The conflict error for `write`, carrying the current document if it is live.
-async fn conflict(
-    conn: &mut SqliteConnection,
-    db: &DbRow,
-    write: DocWrite,
-    current: Option<Current>,
-) -> Error {
-    let current_doc = match &current {
-        Some(c) if !c.deleted => match read_live_doc(conn, db, &write, &c.rev).await {
-            Ok(doc) => Some(Box::new(doc)),
-            Err(e) => return e,
-        },
-        _ => None,
-    };
-    Error::Conflict {
-        database: db.name.to_string(),
-        id: write.id,
-        sent_rev: write.rev,
-        current_rev: current.map(|c| c.rev),
-        current: current_doc,
-    }
-}
-
-async fn read_live_doc(
-    conn: &mut SqliteConnection,
-    db: &DbRow,
-    write: &DocWrite,
-    rev: &Rev,
-) -> Result<Document> {
-    let row = sqlx::query("SELECT body, seq FROM docs WHERE db_id = ?1 AND id = ?2")
-        .bind(db.id)
-        .bind(write.id.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(Document {
-        id: write.id.clone(),
-        rev: rev.clone(),
-        body: Body::from_canonical_json(row.try_get("body")?)?,
-        seq: to_u64(row.try_get("seq")?),
-    })
 }

@@ -1,0 +1,158 @@
+//! Coalesced point reads (Get). sqlx runs each SQLite connection on its own
+//! worker thread, so every query costs two thread switches; under load that,
+//! not SQLite, is the cost of a Get. The dispatcher therefore takes a free
+//! read connection first, then every Get queued by then (up to `MAX_BATCH`),
+//! and answers them all with one query. Under light load a batch is one Get
+//! and nothing waits; under heavy load batches grow and the switches are
+//! shared.
+
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{parse_stored_rev, to_u64};
+use crate::domain::{Body, DbName, DocId, Document, Error, Result};
+
+/// The most Gets answered by one query.
+const MAX_BATCH: usize = 256;
+
+pub(super) struct GetRequest {
+    pub database: DbName,
+    pub id: DocId,
+    pub reply: oneshot::Sender<Result<Document>>,
+}
+
+/// Runs until `closed` is cancelled or every sender is gone.
+pub(super) async fn dispatch(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<GetRequest>,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    tokio::select! {
+        () = closed.cancelled() => {}
+        () = dispatch_loop(pool, &mut rx) => {}
+    }
+    // Anything still queued is answered: the store is closing.
+    rx.close();
+    while let Ok(request) = rx.try_recv() {
+        let _ = request.reply.send(Err(Error::Unavailable(
+            "the server is shutting down".into(),
+        )));
+    }
+}
+
+async fn dispatch_loop(pool: SqlitePool, rx: &mut mpsc::Receiver<GetRequest>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // A connection first: while all are busy, requests keep queueing and
+        // the next free connection takes them all at once.
+        let conn = match pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // The pool is closed (shutdown) or broken: answer what comes.
+                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    return;
+                }
+                let message = format!("cannot read: {e}");
+                for request in batch.drain(..) {
+                    let _ = request
+                        .reply
+                        .send(Err(Error::Storage(message.clone().into())));
+                }
+                continue;
+            }
+        };
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let requests = std::mem::take(&mut batch);
+        tokio::spawn(answer(conn, requests));
+    }
+}
+
+async fn answer(mut conn: PoolConnection<Sqlite>, requests: Vec<GetRequest>) {
+    match read(&mut conn, &requests).await {
+        Ok(results) => {
+            for (request, result) in requests.into_iter().zip(results) {
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            tracing::error!(error = %message, "batched read failed");
+            for request in requests {
+                let _ = request
+                    .reply
+                    .send(Err(Error::Storage(message.clone().into())));
+            }
+        }
+    }
+}
+
+/// One query for the whole batch; one result per request, in order.
+async fn read(
+    conn: &mut PoolConnection<Sqlite>,
+    requests: &[GetRequest],
+) -> Result<Vec<Result<Document>>> {
+    let mut query = QueryBuilder::<Sqlite>::new("WITH req (n, name, id) AS (");
+    if requests.len() == 1 {
+        // The common light-load case: a fixed text, so a cached statement.
+        query.push("SELECT 0, ");
+        query.push_bind(requests[0].database.as_str());
+        query.push(", ");
+        query.push_bind(requests[0].id.as_str());
+    } else {
+        query.push("VALUES ");
+        let mut rows = query.separated(", ");
+        for (n, request) in requests.iter().enumerate() {
+            rows.push("(")
+                .push_bind_unseparated(i64::try_from(n).unwrap_or(i64::MAX))
+                .push_unseparated(", ")
+                .push_bind_unseparated(request.database.as_str())
+                .push_unseparated(", ")
+                .push_bind_unseparated(request.id.as_str())
+                .push_unseparated(")");
+        }
+    }
+    query.push(
+        ") SELECT req.n, db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM req \
+         LEFT JOIN databases db ON db.name = req.name \
+         LEFT JOIN docs d ON d.db_id = db.id AND d.id = req.id",
+    );
+    let rows = query
+        .build()
+        .persistent(requests.len() == 1)
+        .fetch_all(&mut **conn)
+        .await?;
+    let mut results: Vec<Option<Result<Document>>> = (0..requests.len()).map(|_| None).collect();
+    for row in rows {
+        let n: i64 = row.try_get("n")?;
+        let Some(request) = usize::try_from(n).ok().and_then(|n| requests.get(n)) else {
+            continue;
+        };
+        let db_id: Option<i64> = row.try_get("db_id")?;
+        let rev: Option<&str> = row.try_get("rev")?;
+        let deleted: Option<bool> = row.try_get("deleted")?;
+        let result = match (db_id, rev, deleted) {
+            (None, _, _) => Err(Error::DatabaseNotFound(request.database.to_string())),
+            (Some(_), Some(rev), Some(false)) => Ok(Document {
+                id: request.id.clone(),
+                rev: parse_stored_rev(rev)?,
+                body: Body::from_canonical_json(row.try_get("body")?)?,
+                seq: to_u64(row.try_get("seq")?),
+            }),
+            _ => Err(Error::DocumentNotFound {
+                database: request.database.to_string(),
+                id: request.id.to_string(),
+            }),
+        };
+        if let Some(slot) = results.get_mut(usize::try_from(n).unwrap_or(usize::MAX)) {
+            *slot = Some(result);
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Storage("a batched read lost a row".into()))))
+        .collect())
+}
