@@ -8,6 +8,7 @@
 //! the registry lock across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -265,7 +266,12 @@ pub struct Subscription {
     /// A `Subscribed` to send before anything else (live-only start).
     pending_subscribed: Option<u64>,
     progress_every: Duration,
-    idle_deadline: Instant,
+    /// Fires every `progress_every`; a `Progress` goes out when it fires and
+    /// nothing was delivered since the last time (re-arming a timer once per
+    /// interval, not once per event).
+    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Something was delivered since the timer last fired.
+    active: bool,
     shutdown: CancellationToken,
 }
 
@@ -298,7 +304,8 @@ impl Subscription {
             mode: Mode::Live,
             pending_subscribed: Some(head),
             progress_every: options.progress_every,
-            idle_deadline: Instant::now() + options.progress_every,
+            idle: Box::pin(tokio::time::sleep(options.progress_every)),
+            active: false,
             shutdown,
         };
         if let Some(since) = since {
@@ -341,7 +348,7 @@ impl Subscription {
             if let Some(event) = self.replay.pop_front() {
                 self.last = event.seq;
                 if event.is_for(self.alias.as_ref()) {
-                    self.idle_deadline = Instant::now() + self.progress_every;
+                    self.active = true;
                     return Ok(Item::Notification(Arc::new(event)));
                 }
                 continue;
@@ -352,7 +359,7 @@ impl Subscription {
                     // The log is read up to its head as of that snapshot.
                     self.last = self.last.max(page.head);
                     self.mode = Mode::Live;
-                    self.idle_deadline = Instant::now() + self.progress_every;
+                    self.active = true;
                     if announce {
                         return Ok(Item::Subscribed(self.last));
                     }
@@ -393,7 +400,11 @@ impl Subscription {
                         None => return Err(Error::Unavailable("the subscription was closed".into())),
                     },
                     () = slot.wake.notified() => return Ok(None),
-                    () = tokio::time::sleep_until(self.idle_deadline) => {
+                    () = self.idle.as_mut() => {
+                        self.idle.as_mut().reset(Instant::now() + self.progress_every);
+                        if std::mem::take(&mut self.active) {
+                            return Ok(None); // not idle: wait another interval
+                        }
                         // Read the head before checking the buffer: every
                         // event up to it is in the buffer or flagged overflow.
                         let head = self.registration.hub.head();
@@ -401,7 +412,6 @@ impl Subscription {
                             return Ok(None);
                         }
                         self.last = self.last.max(head);
-                        self.idle_deadline = Instant::now() + self.progress_every;
                         return Ok(Some(Item::Progress(self.last)));
                     }
                 }
@@ -414,7 +424,7 @@ impl Subscription {
             return Ok(None); // already delivered by a replay
         }
         self.last = event.seq;
-        self.idle_deadline = Instant::now() + self.progress_every;
+        self.active = true;
         Ok(Some(Item::Notification(event)))
     }
 }

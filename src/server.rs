@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Service;
@@ -46,15 +45,7 @@ pub async fn run(
     let store = Arc::new(Store::open(config.store_options(), publisher).await?);
     hub.advance_to(store.last_seq().await?);
     let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let service = Service::new(
-        store.clone(),
-        auth,
-        hub,
-        stop.clone(),
-        tasks.clone(),
-        &config,
-    );
+    let service = Service::new(store.clone(), auth, hub, stop.clone(), &config);
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -126,14 +117,6 @@ pub async fn run(
     };
     if let Err(e) = served {
         tracing::error!(error = %e, "the gRPC server failed");
-    }
-    // Subscription tasks end on `stop`; wait for them before closing the store.
-    tasks.close();
-    if tokio::time::timeout(config.shutdown_timeout_secs, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("subscription tasks did not end in time");
     }
     store.close().await;
     tracing::info!("agsync stopped");

@@ -7,10 +7,10 @@ pub mod status;
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use std::pin::Pin;
+
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Auth, Principal};
@@ -23,17 +23,12 @@ use crate::hub::{Hub, SubscribeOptions, SubscribeRequest, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
 use crate::store::Store;
 
-/// Responses buffered between a subscription task and its gRPC stream.
-const STREAM_BUFFER: usize = 16;
-
 pub struct Service {
     store: Arc<Store>,
     auth: Arc<Auth>,
     hub: Arc<Hub>,
     /// Cancelled at shutdown: open Subscribe streams end with UNAVAILABLE.
     shutdown: CancellationToken,
-    /// The subscription tasks, so shutdown can wait for them.
-    tasks: TaskTracker,
     body_limits: BodyLimits,
     max_bulk_docs: usize,
     max_new_ids: u32,
@@ -49,7 +44,6 @@ impl Service {
         auth: Arc<Auth>,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
-        tasks: TaskTracker,
         config: &Config,
     ) -> Self {
         Service {
@@ -57,7 +51,6 @@ impl Service {
             auth,
             hub,
             shutdown,
-            tasks,
             body_limits: config.body_limits(),
             max_bulk_docs: config.max_bulk_docs,
             max_new_ids: config.max_new_ids,
@@ -416,7 +409,11 @@ impl SyncService for Service {
         Ok(Response::new(pb::NotifyResponse { seq }))
     }
 
-    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    /// The subscription itself is the response stream: no task or channel
+    /// per subscriber. tonic polls it as the client's HTTP/2 window allows,
+    /// and drops it (unregistering from the hub) when the client goes away.
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static>>;
 
     async fn subscribe(
         &self,
@@ -440,7 +437,7 @@ impl SyncService for Service {
             since: req.since,
             principal: caller.limit_key().to_owned(),
         };
-        let mut subscription = Subscription::start(
+        let subscription = Subscription::start(
             &self.hub,
             self.store.clone(),
             request,
@@ -448,21 +445,14 @@ impl SyncService for Service {
             self.shutdown.clone(),
         )
         .await?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        self.tasks.spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    // The client went away: stop, unregistering from the hub.
-                    () = tx.closed() => break,
-                    item = subscription.next() => item,
-                };
-                let response = item.map(convert::subscribe_item).map_err(Status::from);
-                let last = response.is_err();
-                if tx.send(response).await.is_err() || last {
-                    break;
-                }
+        // Yields items until the first error, which ends the stream.
+        let stream = futures_util::stream::unfold(Some(subscription), |state| async move {
+            let mut subscription = state?;
+            match subscription.next().await {
+                Ok(item) => Some((Ok(convert::subscribe_item(item)), Some(subscription))),
+                Err(e) => Some((Err(Status::from(e)), None)),
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
