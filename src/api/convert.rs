@@ -62,36 +62,93 @@ fn number_to_json(path: &str, n: f64) -> Result<Value> {
         .ok_or_else(|| Error::invalid(path, format!("{n} is not a JSON number")))
 }
 
-pub fn json_to_struct(map: Map<String, Value>) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: map
-            .into_iter()
-            .map(|(k, v)| (k, json_to_value(v)))
-            .collect(),
+/// A stored body as a `google.protobuf.Struct`, decoded straight from its
+/// JSON text (no intermediate JSON tree: a Get allocates once per value).
+pub fn body_struct(body: &domain::Body) -> Result<prost_types::Struct> {
+    match serde_json::from_str::<WireValue>(body.canonical_json()) {
+        Ok(WireValue(prost_types::Value {
+            kind: Some(Kind::StructValue(s)),
+        })) => Ok(s),
+        Ok(_) => Err(Error::Storage("a stored body is not a JSON object".into())),
+        Err(e) => Err(Error::Storage(Box::new(e))),
     }
 }
 
-fn json_to_value(v: Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
-        Value::Bool(b) => Kind::BoolValue(b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_value).collect(),
-        }),
-        Value::Object(m) => Kind::StructValue(json_to_struct(m)),
-    };
-    prost_types::Value { kind: Some(kind) }
+/// A `google.protobuf.Value` deserialized from JSON text.
+struct WireValue(prost_types::Value);
+
+impl<'de> serde::Deserialize<'de> for WireValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(WireVisitor)
+    }
 }
 
-pub fn document(doc: domain::Document) -> pb::Document {
-    pb::Document {
+struct WireVisitor;
+
+impl<'de> serde::de::Visitor<'de> for WireVisitor {
+    type Value = WireValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::NullValue(
+            prost_types::NullValue::NullValue.into(),
+        )))
+    }
+    fn visit_bool<E>(self, b: bool) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::BoolValue(b)))
+    }
+    #[allow(clippy::cast_precision_loss)]
+    fn visit_i64<E>(self, n: i64) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::NumberValue(n as f64)))
+    }
+    #[allow(clippy::cast_precision_loss)]
+    fn visit_u64<E>(self, n: u64) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::NumberValue(n as f64)))
+    }
+    fn visit_f64<E>(self, n: f64) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::NumberValue(n)))
+    }
+    fn visit_str<E>(self, s: &str) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::StringValue(s.to_owned())))
+    }
+    fn visit_string<E>(self, s: String) -> std::result::Result<WireValue, E> {
+        Ok(wire(Kind::StringValue(s)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<WireValue, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(WireValue(v)) = seq.next_element()? {
+            values.push(v);
+        }
+        Ok(wire(Kind::ListValue(prost_types::ListValue { values })))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<WireValue, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some((k, WireValue(v))) = map.next_entry::<String, WireValue>()? {
+            fields.insert(k, v);
+        }
+        Ok(wire(Kind::StructValue(prost_types::Struct { fields })))
+    }
+}
+
+fn wire(kind: Kind) -> WireValue {
+    WireValue(prost_types::Value { kind: Some(kind) })
+}
+
+pub fn document(doc: domain::Document) -> Result<pb::Document> {
+    Ok(pb::Document {
+        body: Some(body_struct(&doc.body)?),
         id: doc.id.into_string(),
         rev: doc.rev.to_string(),
-        body: Some(json_to_struct(doc.body.into_map())),
         seq: doc.seq,
-    }
+    })
 }
 
 pub fn notification(event: &domain::Event) -> pb::Notification {
@@ -129,14 +186,14 @@ pub fn subscribe_item(item: crate::hub::Item) -> pb::SubscribeResponse {
     pb::SubscribeResponse { event: Some(event) }
 }
 
-pub fn change(c: domain::Change) -> pb::Change {
-    pb::Change {
+pub fn change(c: domain::Change) -> Result<pb::Change> {
+    Ok(pb::Change {
+        body: c.body.as_ref().map(body_struct).transpose()?,
         id: c.id.into_string(),
         rev: c.rev.to_string(),
         seq: c.seq,
         deleted: c.deleted,
-        body: c.body.map(|b| json_to_struct(b.into_map())),
-    }
+    })
 }
 
 pub fn database(db: domain::DatabaseInfo) -> pb::Database {

@@ -268,7 +268,7 @@ impl SyncService for Service {
         let id = DocId::parse("id", &req.id)?;
         let doc = self.store.get(&database, &id).await?;
         Ok(Response::new(pb::GetResponse {
-            document: Some(convert::document(doc)),
+            document: Some(convert::document(doc)?),
         }))
     }
 
@@ -390,7 +390,10 @@ impl SyncService for Service {
             .await?;
         let last_seq = changes.last().map_or(req.since, |c| c.seq);
         Ok(Response::new(pb::ChangesResponse {
-            changes: changes.into_iter().map(convert::change).collect(),
+            changes: changes
+                .into_iter()
+                .map(convert::change)
+                .collect::<Result<_>>()?,
             last_seq,
         }))
     }

@@ -46,11 +46,15 @@ impl From<Error> for Status {
                     type_url: ERROR_INFO_TYPE_URL.into(),
                     value: info.encode_to_vec(),
                 }];
-                if let Some(doc) = current {
-                    details.push(prost_types::Any {
+                match current.map(|doc| convert::document(*doc)) {
+                    Some(Ok(doc)) => details.push(prost_types::Any {
                         type_url: DOCUMENT_TYPE_URL.into(),
-                        value: convert::document(*doc).encode_to_vec(),
-                    });
+                        value: doc.encode_to_vec(),
+                    }),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "cannot encode the current document of a conflict")
+                    }
+                    None => {}
                 }
                 with_details(Code::Aborted, message, details)
             }

@@ -1,6 +1,8 @@
-//! Document bodies: JSON objects kept with their canonical serialization
+//! Document bodies: JSON objects kept as their canonical serialization
 //! (keys sorted, integral numbers without a fraction), which is what is
-//! stored, what the size limit applies to, and what revisions hash.
+//! stored, what the size limit applies to, and what revisions hash. Bodies
+//! read back from storage are not parsed here: the API layer decodes the
+//! text straight into its wire type.
 
 use serde_json::{Map, Value};
 
@@ -15,10 +17,9 @@ pub struct BodyLimits {
     pub max_depth: usize,
 }
 
-/// A validated JSON object body.
-#[derive(Debug, Clone, PartialEq)]
+/// A validated JSON object body, as canonical JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body {
-    map: Map<String, Value>,
     canonical: String,
 }
 
@@ -53,16 +54,15 @@ impl Body {
         Ok(body)
     }
 
-    /// A body read back from storage, where it was stored in canonical form.
+    /// A body read back from storage, where it was stored in canonical
+    /// form by [`Body::parse`]; not parsed again.
     pub fn from_canonical_json(json: &str) -> Result<Self> {
-        match serde_json::from_str(json) {
-            Ok(Value::Object(map)) => Ok(Body {
-                map,
-                canonical: json.to_owned(),
-            }),
-            Ok(_) => Err(Error::Storage("stored body is not a JSON object".into())),
-            Err(e) => Err(Error::Storage(Box::new(e))),
+        if !json.starts_with('{') {
+            return Err(Error::Storage("stored body is not a JSON object".into()));
         }
+        Ok(Body {
+            canonical: json.to_owned(),
+        })
     }
 
     /// The empty body of a tombstone.
@@ -73,20 +73,9 @@ impl Body {
     fn from_map(map: Map<String, Value>) -> Self {
         // serde_json's Map is a BTreeMap (the `preserve_order` feature is
         // off), so serialization sorts keys: this is the canonical form.
-        let value = Value::Object(map);
-        let canonical = value.to_string();
-        let Value::Object(map) = value else {
-            unreachable!("built as an object just above")
-        };
-        Body { map, canonical }
-    }
-
-    pub fn as_map(&self) -> &Map<String, Value> {
-        &self.map
-    }
-
-    pub fn into_map(self) -> Map<String, Value> {
-        self.map
+        Body {
+            canonical: Value::Object(map).to_string(),
+        }
     }
 
     pub fn canonical_json(&self) -> &str {

@@ -90,11 +90,14 @@ async fn graceful_shutdown_keeps_in_flight_writes() {
                 match put(&mut c, "db", &id, "", json!({"n": n})).await {
                     Ok(r) => acked.push((id, r.rev)),
                     Err(s) => {
+                        // UNAVAILABLE from the server, or the client's view of
+                        // the connection closing (a GOAWAY racing a new
+                        // request shows as an h2 error): never acknowledged.
                         assert!(
                             matches!(
                                 s.code(),
                                 Code::Unavailable | Code::Cancelled | Code::Unknown
-                            ),
+                            ) || s.message().contains("h2 protocol error"),
                             "{s:?}"
                         );
                         break;
