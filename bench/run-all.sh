@@ -17,6 +17,7 @@ run --runs 3 --workload contended
 run --runs 3 --workload bulk
 run --runs 3 --workload fanout --subscribers 5000
 run --runs 3 --workload replay --events 1000000 --server-arg=--retain-events=2000000
+run --runs 3 --workload preload --docs 1000000
 run --runs 3 --workload update --docs 1000000
 run --runs 3 --workload get --docs 1000000
 run --runs 1 --workload fanout --subscribers 100
