@@ -334,15 +334,7 @@ impl Writer {
             ids.sort_unstable();
             ids.dedup();
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT id, rev, deleted, seq FROM docs WHERE db_id = ",
-                );
-                query.push_bind(db_id).push(" AND id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(id.as_str());
-                }
-                query.push(")");
+                let mut query = select_docs("id, rev, deleted, seq", db_id, chunk.iter().copied());
                 for id in chunk {
                     pending.docs.insert((db_id, (*id).clone()), None);
                 }
@@ -542,15 +534,7 @@ impl Writer {
             ids.sort_unstable();
             ids.dedup();
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT id, rev, body, seq FROM docs WHERE deleted = 0 AND db_id = ",
-                );
-                query.push_bind(db_id).push(" AND id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(id.as_str());
-                }
-                query.push(")");
+                let mut query = select_docs("id, rev, body, seq", db_id, chunk.iter());
                 for row in query
                     .build()
                     .persistent(false)
@@ -710,6 +694,23 @@ impl Writer {
             tracing::warn!(error = %e, "closing the write connection failed");
         }
     }
+}
+
+/// `SELECT {columns} FROM docs WHERE db_id = ? AND id IN (?, ...)`: one
+/// round trip for a chunk of documents of one database.
+fn select_docs<'a>(
+    columns: &str,
+    db_id: i64,
+    ids: impl Iterator<Item = &'a DocId>,
+) -> QueryBuilder<'a, Sqlite> {
+    let mut query = QueryBuilder::new(format!("SELECT {columns} FROM docs WHERE db_id = "));
+    query.push_bind(db_id).push(" AND id IN (");
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(id.as_str());
+    }
+    query.push(")");
+    query
 }
 
 async fn load_databases(conn: &mut SqliteConnection) -> Result<HashMap<DbName, DbRow>> {
