@@ -201,29 +201,33 @@ impl Principal {
         patterns.iter().any(|p| p.matches(name))
     }
 
-    /// Database create/delete: admins only.
-    pub fn require_admin(&self) -> Result<()> {
-        if self.admin {
+    /// Ok if `allowed`, else the denial naming `grant` and what it was for
+    /// (built only when denied: this runs on every request).
+    fn check(&self, allowed: bool, grant: &str, on: impl FnOnce() -> String) -> Result<()> {
+        if allowed {
             Ok(())
         } else {
-            Err(self.denied("admin", ""))
+            Err(self.denied(grant, &on()))
         }
+    }
+
+    /// Database create/delete: admins only.
+    pub fn require_admin(&self) -> Result<()> {
+        self.check(self.admin, "admin", String::new)
     }
 
     pub fn require_read(&self, db: &DbName) -> Result<()> {
-        if self.admin || Self::matches(&self.read, db.as_str()) {
-            Ok(())
-        } else {
-            Err(self.denied("read", &format!(" for database {:?}", db.as_str())))
-        }
+        let allowed = self.admin || Self::matches(&self.read, db.as_str());
+        self.check(allowed, "read", || {
+            format!(" for database {:?}", db.as_str())
+        })
     }
 
     pub fn require_write(&self, db: &DbName) -> Result<()> {
-        if self.admin || Self::matches(&self.write, db.as_str()) {
-            Ok(())
-        } else {
-            Err(self.denied("write", &format!(" for database {:?}", db.as_str())))
-        }
+        let allowed = self.admin || Self::matches(&self.write, db.as_str());
+        self.check(allowed, "write", || {
+            format!(" for database {:?}", db.as_str())
+        })
     }
 
     /// Whether ListDatabases shows `db` to this principal.
@@ -234,19 +238,17 @@ impl Principal {
     }
 
     pub fn require_notify(&self, key: &SyncKey) -> Result<()> {
-        if self.admin || Self::matches(&self.notify, key.as_str()) {
-            Ok(())
-        } else {
-            Err(self.denied("notify", &format!(" for sync key {:?}", key.as_str())))
-        }
+        let allowed = self.admin || Self::matches(&self.notify, key.as_str());
+        self.check(allowed, "notify", || {
+            format!(" for sync key {:?}", key.as_str())
+        })
     }
 
     pub fn require_subscribe(&self, key: &SyncKey) -> Result<()> {
-        if Self::matches(&self.subscribe, key.as_str()) {
-            Ok(())
-        } else {
-            Err(self.denied("subscribe", &format!(" for sync key {:?}", key.as_str())))
-        }
+        let allowed = Self::matches(&self.subscribe, key.as_str());
+        self.check(allowed, "subscribe", || {
+            format!(" for sync key {:?}", key.as_str())
+        })
     }
 
     /// The alias a subscriber listens as: its principal's when auth is on

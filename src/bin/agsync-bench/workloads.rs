@@ -579,22 +579,12 @@ async fn fanout(
     duration: Duration,
 ) -> Result<Report, String> {
     let idle_rss = rss_kb(pid);
-    let sub_channels = connections_for(addr, channels, args.subscribers).await?;
-    let streams = open_subscribers(&sub_channels, "bench.key", args.subscribers).await?;
+    let streams = subscribe_all(addr, channels, args.subscribers).await?;
     let subscribed_rss = rss_kb(pid);
-    let (last_tx, last_rx) = tokio::sync::watch::channel(u64::MAX);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
-    let receivers: Vec<_> = streams
-        .into_iter()
-        .map(|s| {
-            let last_rx = last_rx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                read_until_last(s, last_rx, deadline, |seq| got.push((seq, Instant::now()))).await;
-                got
-            })
-        })
-        .collect();
+    let (last_tx, receivers) = spawn_readers(streams, deadline, Vec::new, |got, seq| {
+        got.push((seq, Instant::now()));
+    });
     let mut writer = all[0].clone();
     let start = Instant::now();
     let mut sent: HashMap<u64, Instant> = HashMap::new();
@@ -679,18 +669,46 @@ async fn fanout(
     Ok(r)
 }
 
-/// Channels for many streams: at most 250 streams per connection.
-async fn connections_for(
+/// `count` subscriptions to the bench key, at most 250 streams per
+/// connection (opening more connections than `channels` if needed).
+async fn subscribe_all(
     addr: SocketAddr,
     channels: &[Channel],
-    streams: usize,
-) -> Result<Vec<Channel>, String> {
-    let want = streams.div_ceil(250).max(1);
-    let mut out = channels.to_vec();
-    if want > out.len() {
-        out.extend(connections(addr, want - out.len()).await?);
+    count: usize,
+) -> Result<Vec<tonic::Streaming<pb::SubscribeResponse>>, String> {
+    let want = count.div_ceil(250).max(1);
+    let mut all = channels.to_vec();
+    if want > all.len() {
+        all.extend(connections(addr, want - all.len()).await?);
     }
-    Ok(out)
+    open_subscribers(&all, "bench.key", count).await
+}
+
+/// One reader task per stream: each folds every notification's seq into its
+/// state with `on` until it has seen the last seq (send it on the returned
+/// watch once the writers are done) or `deadline` passes.
+fn spawn_readers<S: Send + 'static>(
+    streams: Vec<tonic::Streaming<pb::SubscribeResponse>>,
+    deadline: tokio::time::Instant,
+    init: impl Fn() -> S,
+    on: fn(&mut S, u64),
+) -> (
+    tokio::sync::watch::Sender<u64>,
+    Vec<tokio::task::JoinHandle<S>>,
+) {
+    let (last_tx, last_rx) = tokio::sync::watch::channel(u64::MAX);
+    let readers = streams
+        .into_iter()
+        .map(|stream| {
+            let last_rx = last_rx.clone();
+            let mut state = init();
+            tokio::spawn(async move {
+                read_until_last(stream, last_rx, deadline, |seq| on(&mut state, seq)).await;
+                state
+            })
+        })
+        .collect();
+    (last_tx, readers)
 }
 
 /// Reads a stream's notifications until it has seen `last` (sent on
@@ -783,27 +801,20 @@ async fn soak(
     duration: Duration,
 ) -> Result<Report, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
-    let sub_channels = connections_for(addr, channels, args.subscribers).await?;
-    let streams = open_subscribers(&sub_channels, "bench.key", args.subscribers).await?;
+    let streams = subscribe_all(addr, channels, args.subscribers).await?;
     let rss_start = rss_kb(pid);
-    let (last_tx, last_rx) = tokio::sync::watch::channel(u64::MAX);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(60);
-    let receivers: Vec<_> = streams
-        .into_iter()
-        .map(|s| {
-            let last_rx = last_rx.clone();
-            tokio::spawn(async move {
-                let (mut got, mut prev, mut ordered) = (0u64, 0u64, true);
-                read_until_last(s, last_rx, deadline, |seq| {
-                    ordered &= seq > prev;
-                    prev = seq;
-                    got += 1;
-                })
-                .await;
-                (got, ordered)
-            })
-        })
-        .collect();
+    // Per stream: (received, last seq, all in order).
+    let (last_tx, receivers) = spawn_readers(
+        streams,
+        deadline,
+        || (0u64, 0u64, true),
+        |(got, prev, ordered), seq| {
+            *ordered &= seq > *prev;
+            *prev = seq;
+            *got += 1;
+        },
+    );
     // Writers: each creates a document, then CAS-updates it 4 times.
     let states: Vec<(Client, usize, String)> = all
         .into_iter()
@@ -835,7 +846,7 @@ async fn soak(
     let _ = last_tx.send(max_seq.load(Ordering::Acquire));
     let (mut delivered, mut all_ordered) = (0, true);
     for r in receivers {
-        let (got, ordered) = r.await.map_err(|e| e.to_string())?;
+        let (got, _, ordered) = r.await.map_err(|e| e.to_string())?;
         delivered += got;
         all_ordered &= ordered;
     }
