@@ -7,7 +7,20 @@ use std::time::Duration;
 
 use crate::domain::BodyLimits;
 use crate::hub::SubscriberLimits;
-use crate::store::{Durability, StoreOptions};
+use crate::store::StoreOptions;
+
+/// How hard a commit works to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// fsync the WAL on every commit: an acknowledged write survives power loss.
+    Full,
+    /// fsync only at checkpoints: survives a process crash, but the last
+    /// commits may be lost on power loss, and their seqs handed out again
+    /// after the restart.
+    Normal,
+}
+
+const MIB: usize = 1024 * 1024;
 
 /// agsync: revisioned JSON documents and sync notifications over gRPC.
 #[derive(Debug, Clone, clap::Parser)]
@@ -49,9 +62,18 @@ pub struct Config {
 
     /// `full`: every acknowledged write is fsynced and survives power loss.
     /// `normal`: survives a crash of the process, but the last writes may be
-    /// lost on power loss; faster.
+    /// lost on power loss; faster. After such a loss the lost writes' seqs
+    /// are handed out again, so a client that saw one of them may skip the
+    /// new change that reuses it: with `normal`, clients should resync
+    /// (Changes from since=0) after a server power loss.
     #[arg(long, value_enum, default_value_t = Durability::Full)]
     pub durability: Durability,
+
+    /// The SQLite write-ahead log is kept under this many bytes under any
+    /// sustained write load (the writer restarts it between batches) and is
+    /// truncated to zero when writes pause for a second.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub wal_max_bytes: u64,
 
     /// Largest document body, as canonical JSON (CouchDB's max_document_size).
     /// A bigger body is refused with RESOURCE_EXHAUSTED.
@@ -78,13 +100,50 @@ pub struct Config {
     #[arg(long, default_value_t = 1000)]
     pub max_new_ids: u32,
 
-    /// Read connections to SQLite (Get, ListDatabases).
+    /// Read connections to SQLite. Gets share one connection per batch;
+    /// scans (Changes, replay, ListDatabases) use at most all but one of
+    /// them at once. A read that waits `--read-timeout-secs` for a
+    /// connection fails with UNAVAILABLE (retryable).
     #[arg(long, default_value_t = 4)]
     pub read_connections: u32,
+
+    /// How long a read waits for a free read connection.
+    #[arg(long, value_parser = parse_seconds, default_value = "5")]
+    pub read_timeout_secs: Duration,
 
     /// Write requests queued for the writer before callers wait for room.
     #[arg(long, default_value_t = 4096)]
     pub writer_queue: usize,
+
+    /// Bytes of write requests (document bodies, roughly) queued for the
+    /// writer before callers wait for room; one request bigger than this
+    /// waits until the queue is empty.
+    #[arg(long, default_value_t = 64 * MIB)]
+    pub writer_queue_bytes: usize,
+
+    /// Most bytes in one response of Changes: a page ends early, before the
+    /// change that would pass it (it always holds at least one change).
+    /// The default is the default receive limit of gRPC clients (4 MiB).
+    #[arg(long, default_value_t = 4 * MIB)]
+    pub max_response_bytes: usize,
+
+    /// Most concurrent calls (HTTP/2 streams) per client connection; a
+    /// client opening more waits for one to finish (HTTP/2 flow control).
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Most calls other than Subscribe being served at once across the
+    /// server. Past it, calls fail at once with UNAVAILABLE, which standard
+    /// gRPC retry policies retry; health stays SERVING.
+    #[arg(long, default_value_t = 512)]
+    pub max_in_flight: usize,
+
+    /// Most bytes of large request messages (over 64 KiB each) being received
+    /// and served at once across the server; further large requests wait
+    /// for room before their message is read. Small requests are bounded by
+    /// `--max-in-flight` alone.
+    #[arg(long, default_value_t = 64 * MIB)]
+    pub max_large_request_bytes: usize,
 
     /// Most write requests committed together in one transaction (one fsync).
     #[arg(long, default_value_t = 1024)]
@@ -100,10 +159,17 @@ pub struct Config {
     #[arg(long, default_value_t = 100)]
     pub max_subscribe_keys: usize,
 
-    /// Events buffered per subscriber before it falls back to catching up
-    /// from the durable log (it is never cut off and misses nothing).
+    /// Live events buffered per subscriber before it falls back to catching
+    /// up from the durable log (it is not cut off and misses nothing, as long
+    /// as it does not fall behind `--retain-events`). Buffered events are
+    /// shared by all subscribers, not copied per subscriber.
     #[arg(long, default_value_t = 256)]
     pub subscriber_buffer: usize,
+
+    /// Most bytes of events a replaying or catching-up subscriber reads from
+    /// the log at a time (at least one event).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub subscriber_replay_bytes: usize,
 
     /// How often an idle Subscribe stream gets a `progress` event.
     #[arg(long, value_parser = parse_seconds, default_value = "30")]
@@ -188,11 +254,17 @@ impl Config {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             path: self.db.clone(),
-            durability: self.durability,
+            durability: match self.durability {
+                Durability::Full => crate::store::Durability::Full,
+                Durability::Normal => crate::store::Durability::Normal,
+            },
             read_connections: self.read_connections,
             writer_queue: self.writer_queue,
             max_batch: self.max_batch,
             retain_events: self.retain_events,
+            writer_queue_bytes: self.writer_queue_bytes,
+            wal_max_bytes: self.wal_max_bytes,
+            read_acquire_timeout: self.read_timeout_secs,
         }
     }
 }

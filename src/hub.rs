@@ -241,6 +241,8 @@ pub struct SubscribeOptions {
     pub buffer: usize,
     /// Idle time before a `Progress` item.
     pub progress_every: Duration,
+    /// Most bytes of events read from the log at a time (replay, catch-up).
+    pub replay_bytes: usize,
 }
 
 enum Mode {
@@ -266,6 +268,7 @@ pub struct Subscription {
     /// A `Subscribed` to send before anything else (live-only start).
     pending_subscribed: Option<u64>,
     progress_every: Duration,
+    replay_bytes: usize,
     /// Fires every `progress_every`; a `Progress` goes out when it fires and
     /// nothing was delivered since the last time (re-arming a timer once per
     /// interval, not once per event).
@@ -304,6 +307,7 @@ impl Subscription {
             mode: Mode::Live,
             pending_subscribed: Some(head),
             progress_every: options.progress_every,
+            replay_bytes: options.replay_bytes,
             idle: Box::pin(tokio::time::sleep(options.progress_every)),
             active: false,
             shutdown,
@@ -327,7 +331,7 @@ impl Subscription {
     async fn read_page(&self) -> Result<crate::store::EventPage> {
         let page = self
             .store
-            .read_events(&self.keys, self.last, REPLAY_PAGE)
+            .read_events(&self.keys, self.last, REPLAY_PAGE, self.replay_bytes)
             .await?;
         if self.last < page.pruned_through {
             return Err(Error::SinceTooOld {
@@ -338,9 +342,35 @@ impl Subscription {
         Ok(page)
     }
 
-    /// The next item. Errors end the stream: `Unavailable` at shutdown,
-    /// `SinceTooOld` if the subscriber fell behind the log's retention.
+    /// The sync keys listened to.
+    pub fn keys(&self) -> &[SyncKey] {
+        &self.keys
+    }
+
+    /// The next item. Errors end the stream: `ShuttingDown` at shutdown,
+    /// whatever the stream was doing (live, replaying, catching up),
+    /// `SinceTooOld` if the subscriber fell behind the log's retention,
+    /// `Busy` if the log could not be read; each says where to resume.
     pub async fn next(&mut self) -> Result<Item> {
+        let shutdown = self.shutdown.clone();
+        let result = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Err(Error::ShuttingDown { since: self.last }),
+            result = self.next_item() => result,
+        };
+        result.map_err(|e| match e {
+            Error::Busy(why) => Error::Busy(format!(
+                "{why}; subscribe again with since={} to resume",
+                self.last
+            )),
+            e => e,
+        })
+    }
+
+    /// `next` without the shutdown check. Cancel-safe: everything it
+    /// changes before an `.await` is consistent (`last` moves only with a
+    /// delivered or skipped event).
+    async fn next_item(&mut self) -> Result<Item> {
         if let Some(head) = self.pending_subscribed.take() {
             return Ok(Item::Subscribed(head));
         }
@@ -388,13 +418,6 @@ impl Subscription {
                     return Ok(None);
                 }
                 tokio::select! {
-                    biased;
-                    () = self.shutdown.cancelled() => {
-                        return Err(Error::Unavailable(format!(
-                            "the server is shutting down; subscribe again with since={}",
-                            self.last
-                        )));
-                    }
                     received = self.registration.rx.recv() => match received {
                         Some(event) => event,
                         None => return Err(Error::Unavailable("the subscription was closed".into())),

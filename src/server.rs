@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Service;
-use crate::auth::Auth;
+use crate::api::guard::{Budgets, Guard, methods_of};
+use crate::auth::{Auth, Authenticator};
 use crate::config::Config;
 use crate::domain::{Error, Result};
 use crate::hub::Hub;
@@ -25,6 +26,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves on `listener` until `shutdown` completes, then shuts down cleanly.
+/// Returns an error, after shutting down as cleanly as it can, if the gRPC
+/// server failed or an essential task of the store died (the process should
+/// then exit non-zero so an orchestrator restarts it).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -33,7 +37,10 @@ pub async fn run(
     let local_addr = listener
         .local_addr()
         .map_err(|e| Error::Config(format!("cannot read the listening address: {e}")))?;
-    let auth = Arc::new(load_auth(&config, local_addr)?);
+    let auth = Arc::new(Authenticator::new(
+        load_auth(&config, local_addr)?,
+        config.auth.clone(),
+    ));
     let tls = load_tls(&config)?;
 
     // The hub starts empty; the writer publishes to it after each commit.
@@ -45,10 +52,19 @@ pub async fn run(
     let store = Arc::new(Store::open(config.store_options(), publisher).await?);
     hub.advance_to(store.last_seq().await?);
     let stop = CancellationToken::new();
-    let service = Service::new(store.clone(), auth, hub, stop.clone(), &config);
+    let service = Service::new(store.clone(), auth.clone(), hub, stop.clone(), &config);
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
+    let sync = Guard::new(
+        sync,
+        auth.clone(),
+        methods_of(crate::pb::FILE_DESCRIPTOR_SET, SYNC_SERVICE),
+        Budgets {
+            in_flight: config.max_in_flight,
+            large_request_bytes: config.max_large_request_bytes,
+        },
+    );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -69,19 +85,29 @@ pub async fn run(
         durability = ?config.durability,
         tls = tls.is_some(),
         auth = config.auth.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
         "agsync listening"
     );
 
-    let stopping = stop.clone();
-    let health_on_stop = health_reporter.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-        health_on_stop
-            .set_not_serving::<SyncServiceServer<Service>>()
-            .await;
-        stopping.cancel();
-    });
+    // Stops the server on the shutdown signal, or when the store can no
+    // longer serve; health turns NOT_SERVING first either way.
+    let watcher = {
+        let (stop, store, health) = (stop.clone(), store.clone(), health_reporter.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {
+                    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+                }
+                () = store.failed() => {
+                    tracing::error!("the store can no longer serve; shutting down so the process can be restarted");
+                }
+                () = stop.cancelled() => {}
+            }
+            health.set_not_serving::<SyncServiceServer<Service>>().await;
+            stop.cancel();
+        })
+    };
+    let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
 
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -95,6 +121,7 @@ pub async fn run(
         ))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(config.max_concurrent_streams.max(1)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -115,12 +142,58 @@ pub async fn run(
             Ok(())
         }
     };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "the gRPC server failed");
-    }
+    // However serving ended, every task is stopped and joined before the
+    // store closes.
+    stop.cancel();
+    let _ = watcher.await;
+    let _ = reloader.await;
     store.close().await;
+    let store_failed = store.has_failed();
     tracing::info!("agsync stopped");
-    Ok(())
+    match served {
+        Err(e) => Err(Error::Fatal(format!("the gRPC server failed: {e}"))),
+        Ok(()) if store_failed => Err(Error::Fatal(
+            "the store could no longer write (see the errors above); restart the server once the cause is fixed".into(),
+        )),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// The service name in the descriptor, as the gate looks its methods up.
+const SYNC_SERVICE: &str = "agsync.v1.SyncService";
+
+/// Reloads the `--auth` file on every SIGHUP until `stop`; a file that does
+/// not load keeps the previous configuration.
+async fn reload_auth_on_sighup(auth: Arc<Authenticator>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: the auth file will not be reloaded");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            match auth.reload() {
+                Ok(()) => tracing::info!("SIGHUP: auth configuration reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: the auth file did not load; keeping the previous configuration"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = auth;
+        stop.cancelled().await;
+    }
 }
 
 fn startup_error(e: tonic_reflection::server::Error) -> Error {

@@ -172,14 +172,28 @@ pub fn notification(event: &domain::Event) -> pb::Notification {
             .unwrap_or_default(),
         deleted: event.deleted,
         attributes: event.attributes.clone().into_iter().collect(),
+        database_deleted: event.is_database_deleted(),
     }
 }
 
-pub fn subscribe_item(item: crate::hub::Item) -> pb::SubscribeResponse {
+/// A subscription item for `listener`. A notification of a database the
+/// listener may not read keeps only its sync key and seq: subscribing to a
+/// key does not reveal database names, document ids or revisions.
+pub fn subscribe_item(
+    item: crate::hub::Item,
+    listener: &crate::auth::Principal,
+) -> pb::SubscribeResponse {
     use crate::hub::Item;
     use pb::subscribe_response::Event;
     let event = match item {
-        Item::Notification(event) => Event::Notification(notification(&event)),
+        Item::Notification(event) => match &event.database {
+            Some(db) if !listener.may_read(db.as_str()) => Event::Notification(pb::Notification {
+                sync_key: event.sync_key.to_string(),
+                seq: event.seq,
+                ..Default::default()
+            }),
+            _ => Event::Notification(notification(&event)),
+        },
         Item::Subscribed(head_seq) => Event::Subscribed(pb::Subscribed { head_seq }),
         Item::Progress(head_seq) => Event::Progress(pb::Progress { head_seq }),
     };
@@ -202,6 +216,7 @@ pub fn database(db: domain::DatabaseInfo) -> pb::Database {
         sync_key: db.sync_key.into_string(),
         doc_count: db.doc_count,
         update_seq: db.update_seq,
+        created_seq: db.created_seq,
     }
 }
 

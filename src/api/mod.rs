@@ -3,6 +3,7 @@
 //! and convert results back; errors become statuses in `status` only.
 
 mod convert;
+pub mod guard;
 pub mod status;
 
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Auth, Principal};
+use guard::caller;
+
+use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use crate::domain::{
     Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Result, Rev, SyncKey, new_ids,
@@ -25,7 +28,8 @@ use crate::store::Store;
 
 pub struct Service {
     store: Arc<Store>,
-    auth: Arc<Auth>,
+    /// Open streams re-check their caller against it on every reload.
+    auth: Arc<Authenticator>,
     hub: Arc<Hub>,
     /// Cancelled at shutdown: open Subscribe streams end with UNAVAILABLE.
     shutdown: CancellationToken,
@@ -36,12 +40,16 @@ pub struct Service {
     subscribe: SubscribeOptions,
     changes_default_limit: u32,
     changes_max_limit: u32,
+    max_response_bytes: usize,
 }
+
+/// Room kept in a response budget for the fields besides the repeated one.
+const RESPONSE_OVERHEAD: usize = 64;
 
 impl Service {
     pub fn new(
         store: Arc<Store>,
-        auth: Arc<Auth>,
+        auth: Arc<Authenticator>,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
         config: &Config,
@@ -58,19 +66,12 @@ impl Service {
             subscribe: SubscribeOptions {
                 buffer: config.subscriber_buffer,
                 progress_every: config.progress_interval_secs,
+                replay_bytes: config.subscriber_replay_bytes,
             },
             changes_default_limit: config.changes_default_limit,
             changes_max_limit: config.changes_max_limit,
+            max_response_bytes: config.max_response_bytes,
         }
-    }
-
-    /// The caller, from the request's `authorization` metadata.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
-        let value = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes());
-        self.auth.authenticate(value)
     }
 
     /// The sync keys of a Subscribe: at least one, at most the limit, sorted
@@ -134,6 +135,37 @@ impl Service {
     }
 }
 
+/// One Subscribe stream: the subscription and who listens. The caller's
+/// grants are re-checked on every auth reload: a revoked token ends the
+/// stream (UNAUTHENTICATED), changed grants apply to the next notification.
+struct Listener {
+    subscription: Subscription,
+    caller: Arc<Principal>,
+    auth: Arc<Authenticator>,
+    auth_changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Listener {
+    async fn next(&mut self) -> Result<pb::SubscribeResponse> {
+        loop {
+            tokio::select! {
+                biased;
+                // `self.auth` keeps the sender alive: this never fails.
+                Ok(()) = self.auth_changes.changed() => {
+                    let caller = self.auth.recheck(&self.caller)?;
+                    for key in self.subscription.keys() {
+                        caller.require_subscribe(key.as_str())?;
+                    }
+                    self.caller = caller;
+                }
+                item = self.subscription.next() => {
+                    return Ok(convert::subscribe_item(item?, &self.caller));
+                }
+            }
+        }
+    }
+}
+
 fn parse_optional_rev(field: &str, rev: &str) -> Result<Option<Rev>> {
     if rev.is_empty() {
         Ok(None)
@@ -148,12 +180,12 @@ fn bulk_error_kind(e: &Error) -> &'static str {
         Error::Conflict { .. } => "conflict",
         Error::Invalid { .. } => "invalid",
         Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
-        Error::Unauthenticated(_) | Error::PermissionDenied(_) => "forbidden",
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Revoked(_) => "forbidden",
         Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
         Error::DatabaseExists(_) => "exists",
-        Error::Unavailable(_) => "unavailable",
+        Error::Unavailable(_) | Error::Busy(_) | Error::ShuttingDown { .. } => "unavailable",
         Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
-        Error::Storage(_) | Error::Config(_) => "internal",
+        Error::Storage(_) | Error::Config(_) | Error::Fatal(_) => "internal",
     }
 }
 
@@ -175,10 +207,9 @@ impl SyncService for Service {
         &self,
         request: Request<pb::CreateDatabaseRequest>,
     ) -> Result<Response<pb::CreateDatabaseResponse>, Status> {
-        let caller = self.caller(&request)?;
+        caller(&request)?.require_admin()?;
         let req = request.into_inner();
         let name = DbName::parse("name", &req.name)?;
-        caller.require_admin()?;
         let sync_key = if req.sync_key.is_empty() {
             SyncKey::from_db_name(&name)
         } else {
@@ -194,9 +225,8 @@ impl SyncService for Service {
         &self,
         request: Request<pb::DeleteDatabaseRequest>,
     ) -> Result<Response<pb::DeleteDatabaseResponse>, Status> {
-        let caller = self.caller(&request)?;
+        caller(&request)?.require_admin()?;
         let name = DbName::parse("name", &request.into_inner().name)?;
-        caller.require_admin()?;
         self.store.delete_database(name).await?;
         Ok(Response::new(pb::DeleteDatabaseResponse {}))
     }
@@ -205,7 +235,7 @@ impl SyncService for Service {
         &self,
         request: Request<pb::ListDatabasesRequest>,
     ) -> Result<Response<pb::ListDatabasesResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let databases = self.store.list_databases().await?;
         Ok(Response::new(pb::ListDatabasesResponse {
             databases: databases
@@ -220,7 +250,7 @@ impl SyncService for Service {
         &self,
         request: Request<pb::NewIdRequest>,
     ) -> Result<Response<pb::NewIdResponse>, Status> {
-        self.caller(&request)?;
+        caller(&request)?;
         let count = match request.into_inner().count {
             0 => 1,
             n if n > self.max_new_ids => {
@@ -244,10 +274,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_write(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
-        caller.require_write(&database)?;
         let write = self.doc_write("", &req.id, &req.rev, req.body, &req.notify_aliases)?;
         let out = self.store.write(database, write).await?;
         Ok(Response::new(pb::PutResponse {
@@ -261,10 +291,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_read(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
-        caller.require_read(&database)?;
         let id = DocId::parse("id", &req.id)?;
         let doc = self.store.get(&database, &id).await?;
         Ok(Response::new(pb::GetResponse {
@@ -276,10 +306,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_write(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
-        caller.require_write(&database)?;
         let write = DocWrite {
             id: DocId::parse("id", &req.id)?,
             rev: parse_optional_rev("rev", &req.rev)?,
@@ -298,10 +328,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::BulkPutRequest>,
     ) -> Result<Response<pb::BulkPutResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_write(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
-        caller.require_write(&database)?;
         if req.docs.len() > self.max_bulk_docs {
             return Err(Error::invalid(
                 "docs",
@@ -366,10 +396,10 @@ impl SyncService for Service {
         &self,
         request: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_read(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
-        caller.require_read(&database)?;
         let limit = match req.limit {
             0 => self.changes_default_limit,
             n if n > self.changes_max_limit => {
@@ -384,17 +414,30 @@ impl SyncService for Service {
             }
             n => n,
         };
-        let changes = self
+        // The page ends before the change that would pass the response
+        // budget, so default clients (4 MiB receive limit) can read it.
+        let budget = self.max_response_bytes.saturating_sub(RESPONSE_OVERHEAD);
+        let mut changes: Vec<pb::Change> = Vec::new();
+        let mut bytes = 0;
+        let page = self
             .store
-            .changes(&database, req.since, limit, req.include_docs)
+            .changes(&database, req.since, limit, req.include_docs, |change| {
+                let change = convert::change(change)?;
+                let len = prost::Message::encoded_len(&change);
+                let framed = 1 + prost::length_delimiter_len(len) + len;
+                if bytes + framed > budget && !changes.is_empty() {
+                    return Ok(std::ops::ControlFlow::Break(()));
+                }
+                bytes += framed;
+                changes.push(change);
+                Ok(std::ops::ControlFlow::Continue(()))
+            })
             .await?;
         let last_seq = changes.last().map_or(req.since, |c| c.seq);
         Ok(Response::new(pb::ChangesResponse {
-            changes: changes
-                .into_iter()
-                .map(convert::change)
-                .collect::<Result<_>>()?,
+            changes,
             last_seq,
+            database_created_seq: page.created_seq,
         }))
     }
 
@@ -402,19 +445,19 @@ impl SyncService for Service {
         &self,
         request: Request<pb::NotifyRequest>,
     ) -> Result<Response<pb::NotifyResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
+        caller.require_notify(&req.sync_key)?;
         let sync_key = SyncKey::parse("sync_key", &req.sync_key)?;
-        caller.require_notify(&sync_key)?;
         let aliases = Alias::parse_list("aliases", &req.aliases)?;
         let attributes = parse_attributes("attributes", req.attributes)?;
         let seq = self.store.notify(sync_key, aliases, attributes).await?;
         Ok(Response::new(pb::NotifyResponse { seq }))
     }
 
-    /// The subscription itself is the response stream: no task or channel
-    /// per subscriber. tonic polls it as the client's HTTP/2 window allows,
-    /// and drops it (unregistering from the hub) when the client goes away.
+    /// The subscription itself is the response stream: no task per
+    /// subscriber. tonic polls it as the client's HTTP/2 window allows, and
+    /// drops it (unregistering from the hub) when the client goes away.
     type SubscribeStream =
         Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static>>;
 
@@ -422,12 +465,12 @@ impl SyncService for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        let keys = self.subscribe_keys(&req.sync_keys)?;
-        for key in &keys {
+        for key in &req.sync_keys {
             caller.require_subscribe(key)?;
         }
+        let keys = self.subscribe_keys(&req.sync_keys)?;
         // The one place the listener's identity is decided: the token's
         // principal when auth is on, else the requested alias.
         let requested = match req.alias.as_str() {
@@ -448,11 +491,17 @@ impl SyncService for Service {
             self.shutdown.clone(),
         )
         .await?;
+        let state = Listener {
+            auth_changes: self.auth.changes(),
+            auth: self.auth.clone(),
+            caller,
+            subscription,
+        };
         // Yields items until the first error, which ends the stream.
-        let stream = futures_util::stream::unfold(Some(subscription), |state| async move {
-            let mut subscription = state?;
-            match subscription.next().await {
-                Ok(item) => Some((Ok(convert::subscribe_item(item)), Some(subscription))),
+        let stream = futures_util::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            match state.next().await {
+                Ok(item) => Some((Ok(item), Some(state))),
                 Err(e) => Some((Err(Status::from(e)), None)),
             }
         });

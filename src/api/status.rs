@@ -76,10 +76,15 @@ impl From<Error> for Status {
             ),
             Error::Invalid { .. } => Status::invalid_argument(message),
             Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
-            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::Unauthenticated(_) | Error::Revoked(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
-            Error::Unavailable(_) => Status::unavailable(message),
-            Error::Config(why) => {
+            Error::Unavailable(_) | Error::Busy(_) => Status::unavailable(message),
+            Error::ShuttingDown { since } => with_details(
+                Code::Unavailable,
+                message,
+                vec![error_info("SHUTTING_DOWN", [("since", since)])],
+            ),
+            Error::Config(why) | Error::Fatal(why) => {
                 tracing::error!(error = %why, "configuration error reached a client");
                 Status::internal("the server is misconfigured; details are in the server log")
             }

@@ -23,7 +23,7 @@ pub enum Error {
         "Document update conflict: document {:?} in database {database:?} {}, but the request {}; read the current document (it is in the error details when live), merge, and retry with its rev",
         id.as_str(),
         current_rev.as_ref().map_or_else(|| "does not exist".to_owned(), |r| format!("is at revision {r}")),
-        sent_rev.as_ref().map_or_else(|| "sent no rev (a create)".to_owned(), |r| format!("sent rev {r}"))
+        sent_rev.as_ref().map_or_else(|| "sent no rev".to_owned(), |r| format!("sent rev {r}"))
     )]
     Conflict {
         database: String,
@@ -73,9 +73,29 @@ pub enum Error {
     #[error("{0}; retry shortly, or against another server")]
     Unavailable(String),
 
+    /// The server is busy (too many requests in flight, read connections all
+    /// taken): retryable, the server itself is healthy.
+    #[error("{0}; retry with backoff")]
+    Busy(String),
+
+    /// A Subscribe stream ends because the server is shutting down; the
+    /// subscriber resumes from `since` (everything up to it was delivered).
+    #[error(
+        "the server is shutting down; subscribe again with since={since} (here or on another server) to resume without missing anything"
+    )]
+    ShuttingDown { since: u64 },
+
+    /// The token of an open stream was removed from the auth file.
+    #[error("{0}")]
+    Revoked(String),
+
     /// The server cannot start as configured (bad flag, file or address).
     #[error("{0}")]
     Config(String),
+
+    /// The server stopped because it could not go on (never sent to clients).
+    #[error("{0}")]
+    Fatal(String),
 
     /// The storage layer failed. Logged in full; never shown to clients.
     #[error("storage failure: {0}")]

@@ -28,6 +28,8 @@ pub struct DatabaseInfo {
     pub sync_key: SyncKey,
     pub doc_count: u64,
     pub update_seq: u64,
+    /// The seq at which this instance was created (0: before it was recorded).
+    pub created_seq: u64,
 }
 
 /// One document write: a create or update (`body` set) or a delete.
@@ -55,12 +57,13 @@ pub struct WriteOutcome {
     pub seq: u64,
 }
 
-/// One entry of the durable notification log: a document write or a Notify.
+/// One entry of the durable notification log: a document write, a Notify,
+/// or the deletion of a database (`database` set, `id` unset, `deleted`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub seq: u64,
     pub sync_key: SyncKey,
-    /// The database written to; `None` for Notify.
+    /// The database written to (or deleted); `None` for Notify.
     pub database: Option<DbName>,
     pub id: Option<DocId>,
     pub rev: Option<Rev>,
@@ -76,6 +79,32 @@ impl Event {
     /// listed aliases.
     pub fn is_for(&self, alias: Option<&Alias>) -> bool {
         self.aliases.is_empty() || alias.is_some_and(|a| self.aliases.binary_search(a).is_ok())
+    }
+
+    /// Whether this event is the deletion of its database.
+    pub fn is_database_deleted(&self) -> bool {
+        self.database.is_some() && self.id.is_none()
+    }
+
+    /// Roughly the bytes this event holds in memory: what replay buffers
+    /// are bounded by.
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 160; // the struct, the Arc and allocator slack
+        FIXED
+            + self.sync_key.as_str().len()
+            + self.database.as_ref().map_or(0, |d| d.as_str().len())
+            + self.id.as_ref().map_or(0, |d| d.as_str().len())
+            + self.rev.as_ref().map_or(0, |_| 40)
+            + self
+                .aliases
+                .iter()
+                .map(|a| a.as_str().len() + 24)
+                .sum::<usize>()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 64)
+                .sum::<usize>()
     }
 }
 

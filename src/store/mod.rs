@@ -10,21 +10,24 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Row};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use crate::domain::{
     Alias, Body, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Result,
     Rev, SyncKey, WriteOutcome,
 };
-use writer::{Command, Op, Outcome, Retention, Writer};
+use writer::{Command, Op, Outcome, Retention, WalBound, Writer};
 
 /// Called by the writer with the events of each committed batch, in seq
 /// order, before the writes are acknowledged. Must not block.
@@ -42,7 +45,7 @@ pub struct EventPage {
 }
 
 /// How hard a commit works to reach the disk (SQLite's `synchronous`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// fsync the WAL on every commit: an acknowledged write survives power loss.
     Full,
@@ -65,22 +68,56 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// How many of the newest events the log keeps for replay.
     pub retain_events: u64,
+    /// Bytes of write requests (bodies, roughly) queued for or being
+    /// committed by the writer; more callers wait for room.
+    pub writer_queue_bytes: usize,
+    /// The WAL is kept under this size: the writer restarts it between
+    /// batches once it passes half of it, and batches are cut to a quarter.
+    pub wal_max_bytes: u64,
+    /// How long a read waits for a free connection before it fails with
+    /// UNAVAILABLE (retryable).
+    pub read_acquire_timeout: Duration,
+}
+
+/// The start of a Changes page: which instance of the database it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangesPage {
+    /// The `created_seq` of the database instance.
+    pub created_seq: u64,
 }
 
 /// The store: cheap to share behind an `Arc`.
 pub struct Store {
     reader: SqlitePool,
+    /// Scans (Changes, event replay, ListDatabases) hold one of these while
+    /// they use a read connection: at most `read_connections - 1` at once
+    /// (at least 1), so point reads always find a connection soon.
+    scans: Semaphore,
     /// Point reads, coalesced by `reader::dispatch`.
     gets: mpsc::Sender<reader::GetRequest>,
-    /// Cancelled by `close`: stops the read dispatcher.
-    closed: tokio_util::sync::CancellationToken,
+    /// Cancelled by `close`: stops the read dispatcher and the checkpointer.
+    closed: CancellationToken,
+    /// Cancelled when an essential task (writer, read dispatcher,
+    /// checkpointer) died: the store can no longer serve.
+    failed: CancellationToken,
     writer: mpsc::Sender<Command>,
-    writer_task: Mutex<Option<JoinHandle<()>>>,
+    /// Bytes of requests queued for the writer (`writer_queue_bytes`).
+    writer_bytes: Arc<Semaphore>,
+    writer_queue_bytes: usize,
+    /// Every task the store started, joined by `close`.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        Error::Storage(Box::new(e))
+        match e {
+            sqlx::Error::PoolTimedOut => Error::Busy(
+                "every read connection stayed busy (--read-connections); the server is overloaded"
+                    .into(),
+            ),
+            sqlx::Error::PoolClosed => Error::Unavailable("the server is shutting down".into()),
+            e => Error::Storage(Box::new(e)),
+        }
     }
 }
 
@@ -127,6 +164,7 @@ impl Store {
         let reader = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
             .min_connections(1)
+            .acquire_timeout(options.read_acquire_timeout)
             .connect_with(base.clone().read_only(true))
             .await?;
 
@@ -135,52 +173,114 @@ impl Store {
             keep: options.retain_events.max(1),
             pruned_through,
         };
+        let wal = WalBound {
+            path: wal_path(&options.path),
+            max_bytes: options.wal_max_bytes.max(1),
+        };
         let writer = Writer::new(
             write_conn,
             rx,
             last_seq,
             options.max_batch.max(1),
             retention,
+            wal,
             publish,
         )
         .await?;
-        let writer_task = tokio::spawn(writer.run());
         let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
-        let closed = tokio_util::sync::CancellationToken::new();
+        let closed = CancellationToken::new();
+        let failed = CancellationToken::new();
         let checkpoint_conn = base.connect().await?;
-        tokio::spawn(checkpointer(checkpoint_conn, closed.clone()));
-        tokio::spawn(reader::dispatch(reader.clone(), gets_rx, closed.clone()));
+        let tasks = vec![
+            supervise("writer", failed.clone(), writer.run()),
+            supervise(
+                "checkpointer",
+                failed.clone(),
+                checkpointer(checkpoint_conn, closed.clone()),
+            ),
+            supervise(
+                "read dispatcher",
+                failed.clone(),
+                reader::dispatch(reader.clone(), gets_rx, closed.clone()),
+            ),
+        ];
+        let writer_queue_bytes = options.writer_queue_bytes.max(1);
         Ok(Store {
             reader,
+            scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
             gets,
             closed,
+            failed,
             writer: tx,
-            writer_task: Mutex::new(Some(writer_task)),
+            writer_bytes: Arc::new(Semaphore::new(writer_queue_bytes)),
+            writer_queue_bytes,
+            tasks: Mutex::new(tasks),
         })
     }
 
+    /// Completes when an essential task of the store died (the writer could
+    /// no longer commit, or a task panicked): the process should stop.
+    pub async fn failed(&self) {
+        self.failed.cancelled().await;
+    }
+
+    /// Whether an essential task died (see `failed`).
+    pub fn has_failed(&self) -> bool {
+        self.failed.is_cancelled()
+    }
+
     /// Stops taking writes, lets the writer commit what is queued, checkpoints
-    /// the WAL and closes every connection. Idempotent.
+    /// the WAL, joins every task of the store and closes every connection.
+    /// Idempotent.
     pub async fn close(&self) {
         self.closed.cancel();
         let (reply, done) = oneshot::channel();
         if self.writer.send(Command::Shutdown { reply }).await.is_ok() {
             let _ = done.await;
         }
-        let task = self.writer_task.lock().await.take();
-        if let Some(task) = task
-            && let Err(e) = task.await
-        {
-            tracing::error!(error = %e, "writer task failed");
+        let tasks = std::mem::take(&mut *self.tasks.lock().await);
+        for task in tasks {
+            let _ = task.await;
         }
         self.reader.close().await;
     }
 
+    /// A scan permit and a read connection in a read transaction.
+    async fn scan(
+        &self,
+    ) -> Result<(
+        tokio::sync::SemaphorePermit<'_>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    )> {
+        let permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        Ok((permit, self.reader.begin().await?))
+    }
+
+    /// Queues `op` for the writer, once its bytes fit in the writer queue's
+    /// byte budget, and waits for the outcome.
     async fn run(&self, op: Op) -> Result<Outcome> {
+        let shutting_down = || {
+            if self.failed.is_cancelled() {
+                Error::Unavailable("the server cannot write any more and is stopping".into())
+            } else {
+                Error::Unavailable("the server is shutting down".into())
+            }
+        };
+        // A request bigger than the whole budget waits for all of it.
+        let bytes = op.approx_bytes().clamp(1, self.writer_queue_bytes);
+        let permit = self
+            .writer_bytes
+            .clone()
+            .acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| shutting_down())?;
         let (reply, rx) = oneshot::channel();
-        let shutting_down = || Error::Unavailable("the server is shutting down".into());
         self.writer
-            .send(Command::Run { op, reply })
+            .send(Command::Run { op, reply, permit })
             .await
             .map_err(|_| shutting_down())?;
         rx.await.map_err(|_| shutting_down())?
@@ -193,9 +293,10 @@ impl Store {
         }
     }
 
-    pub async fn delete_database(&self, name: DbName) -> Result<()> {
+    /// Deletes a database; returns the seq of its deletion event.
+    pub async fn delete_database(&self, name: DbName) -> Result<u64> {
         match self.run(Op::DeleteDatabase { name }).await? {
-            Outcome::Deleted => Ok(()),
+            Outcome::Deleted(seq) => Ok(seq),
             _ => Err(unexpected()),
         }
     }
@@ -239,54 +340,72 @@ impl Store {
 
     /// The highest committed seq.
     pub async fn last_seq(&self) -> Result<u64> {
-        let mut conn = self.reader.acquire().await?;
-        Ok(read_counters(&mut conn).await?.0)
+        let (_permit, mut tx) = self.scan().await?;
+        let (last_seq, _) = read_counters(&mut tx).await?;
+        tx.commit().await?;
+        Ok(last_seq)
     }
 
     /// The changes feed: documents changed after `since`, each once at its
-    /// latest seq, in seq order, at most `limit`.
+    /// latest seq, in seq order, at most `limit`, handed one by one to
+    /// `take`, which returns `Break` to end the page early (a response budget):
+    /// rows are streamed, so a page never sits in memory twice.
     pub async fn changes(
         &self,
         database: &DbName,
         since: u64,
         limit: u32,
         include_docs: bool,
-    ) -> Result<Vec<Change>> {
-        let mut conn = self.reader.begin().await?;
-        let db_id: i64 = sqlx::query_scalar("SELECT id FROM databases WHERE name = ?1")
-            .bind(database.as_str())
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-        let rows = sqlx::query(
-            "SELECT id, rev, seq, deleted, CASE WHEN ?4 AND NOT deleted THEN body END AS body
-             FROM docs WHERE db_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )
-        .bind(db_id)
-        .bind(to_i64(since))
-        .bind(i64::from(limit))
-        .bind(include_docs)
-        .fetch_all(&mut *conn)
-        .await?;
-        conn.commit().await?;
-        rows.iter()
-            .map(|row| {
+        mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+    ) -> Result<ChangesPage> {
+        let (_permit, mut conn) = self.scan().await?;
+        let (db_id, created_seq): (i64, i64) =
+            sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = ?1")
+                .bind(database.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        {
+            let mut rows = sqlx::query(
+                "SELECT id, rev, seq, deleted, CASE WHEN ?4 AND NOT deleted THEN body END AS body
+                 FROM docs WHERE db_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .bind(db_id)
+            .bind(to_i64(since))
+            .bind(i64::from(limit))
+            .bind(include_docs)
+            .fetch(&mut *conn);
+            while let Some(row) = rows.try_next().await? {
                 let body: Option<&str> = row.try_get("body")?;
-                Ok(Change {
+                let change = Change {
                     id: DocId::parse("stored id", row.try_get("id")?)?,
                     rev: parse_stored_rev(row.try_get("rev")?)?,
                     seq: to_u64(row.try_get("seq")?),
                     deleted: row.try_get("deleted")?,
                     body: body.map(Body::from_canonical_json).transpose()?,
-                })
-            })
-            .collect()
+                };
+                if take(change)?.is_break() {
+                    break;
+                }
+            }
+        }
+        conn.commit().await?;
+        Ok(ChangesPage {
+            created_seq: to_u64(created_seq),
+        })
     }
 
-    /// Reads up to `limit` logged events with seq > `after` for `keys`, with
-    /// the head and retention as of the same snapshot.
-    pub async fn read_events(&self, keys: &[SyncKey], after: u64, limit: u32) -> Result<EventPage> {
-        let mut conn = self.reader.begin().await?;
+    /// Reads up to `limit` logged events with seq > `after` for `keys`, and
+    /// no more than `max_bytes` of them (`Event::approx_bytes`; at least one
+    /// event), with the head and retention as of the same snapshot.
+    pub async fn read_events(
+        &self,
+        keys: &[SyncKey],
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<EventPage> {
+        let (_permit, mut conn) = self.scan().await?;
         let (head, pruned_through) = read_counters(&mut conn).await?;
         let mut query = sqlx::QueryBuilder::new(
             "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
@@ -300,9 +419,20 @@ impl Store {
         query
             .push(") ORDER BY seq LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = query.build().fetch_all(&mut *conn).await?;
+        let mut events = Vec::new();
+        {
+            let mut rows = query.build().fetch(&mut *conn);
+            let mut bytes = 0;
+            while let Some(row) = rows.try_next().await? {
+                let event = event_from_row(&row)?;
+                bytes += event.approx_bytes();
+                events.push(event);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+        }
         conn.commit().await?;
-        let events = rows.iter().map(event_from_row).collect::<Result<_>>()?;
         Ok(EventPage {
             events,
             head,
@@ -311,11 +441,13 @@ impl Store {
     }
 
     pub async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
+        let (_permit, mut conn) = self.scan().await?;
         let rows = sqlx::query(
-            "SELECT name, sync_key, doc_count, update_seq FROM databases ORDER BY name",
+            "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
         )
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.commit().await?;
         rows.iter().map(database_from_row).collect()
     }
 
@@ -333,14 +465,37 @@ impl Store {
     }
 }
 
+/// Runs an essential task of the store: if it panics or fails, the store
+/// is marked failed (the server then stops) instead of limping on.
+fn supervise(
+    name: &'static str,
+    failed: CancellationToken,
+    task: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> JoinHandle<()> {
+    let inner = tokio::spawn(task);
+    tokio::spawn(async move {
+        let why = match inner.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the task panicked or was cancelled: {e}"),
+        };
+        tracing::error!(task = name, error = %why, "an essential task of the store died");
+        failed.cancel();
+    })
+}
+
+/// The WAL file of the database at `path`, as SQLite names it.
+fn wal_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
 /// Copies committed WAL pages into the database file every second, on its
-/// own connection, so the writer's commits never wait for a checkpoint.
-/// PASSIVE never blocks the writer or readers; pages still in use by a reader
-/// are left for the next round.
-async fn checkpointer(
-    mut conn: sqlx::SqliteConnection,
-    closed: tokio_util::sync::CancellationToken,
-) {
+/// own connection, so the writer's own checkpoints (see `WalBound`) have
+/// little left to copy. PASSIVE never blocks the writer or readers; pages
+/// still in use by a reader are left for the next round.
+async fn checkpointer(mut conn: sqlx::SqliteConnection, closed: CancellationToken) -> Result<()> {
     const EVERY: Duration = Duration::from_secs(1);
     loop {
         tokio::select! {
@@ -355,6 +510,7 @@ async fn checkpointer(
         }
     }
     let _ = sqlx::Connection::close(conn).await;
+    Ok(())
 }
 
 fn unexpected() -> Error {
@@ -409,6 +565,7 @@ fn database_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DatabaseInfo> {
         sync_key: SyncKey::parse("stored sync_key", sync_key)?,
         doc_count: to_u64(row.try_get("doc_count")?),
         update_seq: to_u64(row.try_get("update_seq")?),
+        created_seq: to_u64(row.try_get("created_seq")?),
     })
 }
 

@@ -1,15 +1,17 @@
 //! Coalesced point reads (Get). sqlx runs each SQLite connection on its own
 //! worker thread, so every query costs two thread switches; under load that,
-//! not SQLite, is the cost of a Get. The dispatcher therefore takes a free
-//! read connection first, then every Get queued by then (up to `MAX_BATCH`),
-//! and answers them all with one query. Under light load a batch is one Get
-//! and nothing waits; under heavy load batches grow and the switches are
-//! shared.
+//! not SQLite, is the cost of a Get. The dispatcher therefore waits for a
+//! Get, then for a free read connection, then takes every Get queued by then
+//! (up to `MAX_BATCH`) and answers them all with one query. Under light load
+//! a batch is one Get and nothing waits; under heavy load batches grow and
+//! the switches are shared. It holds a connection only while it has Gets to
+//! answer, so an idle dispatcher never starves other reads.
 
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{Sqlite, SqlitePool};
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::{parse_stored_rev, to_u64};
 use crate::domain::{Body, DbName, DocId, Document, Error, Result};
@@ -23,15 +25,17 @@ pub(super) struct GetRequest {
     pub reply: oneshot::Sender<Result<Document>>,
 }
 
-/// Runs until `closed` is cancelled or every sender is gone.
+/// Runs until `closed` is cancelled or every sender is gone; then answers
+/// what is still queued and waits for the batches it started.
 pub(super) async fn dispatch(
     pool: SqlitePool,
     mut rx: mpsc::Receiver<GetRequest>,
     closed: tokio_util::sync::CancellationToken,
-) {
+) -> Result<()> {
+    let mut running = JoinSet::new();
     tokio::select! {
         () = closed.cancelled() => {}
-        () = dispatch_loop(pool, &mut rx) => {}
+        () = dispatch_loop(pool, &mut rx, &mut running) => {}
     }
     // Anything still queued is answered: the store is closing.
     rx.close();
@@ -40,34 +44,51 @@ pub(super) async fn dispatch(
             "the server is shutting down".into(),
         )));
     }
+    while running.join_next().await.is_some() {}
+    Ok(())
 }
 
-async fn dispatch_loop(pool: SqlitePool, rx: &mut mpsc::Receiver<GetRequest>) {
+async fn dispatch_loop(
+    pool: SqlitePool,
+    rx: &mut mpsc::Receiver<GetRequest>,
+    running: &mut JoinSet<()>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        // A connection first: while all are busy, requests keep queueing and
-        // the next free connection takes them all at once.
-        let conn = match pool.acquire().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // The pool is closed (shutdown) or broken: answer what comes.
-                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                    return;
-                }
-                let message = format!("cannot read: {e}");
-                for request in batch.drain(..) {
-                    let _ = request
-                        .reply
-                        .send(Err(Error::Storage(message.clone().into())));
-                }
-                continue;
-            }
-        };
+        // Work first, then a connection: while all connections are busy,
+        // requests keep queueing and the next free one takes them all.
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
+        let conn = pool.acquire().await;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
         let requests = std::mem::take(&mut batch);
-        tokio::spawn(answer(conn, requests));
+        match conn {
+            Ok(conn) => {
+                running.spawn(answer(conn, requests));
+            }
+            Err(e) => {
+                // Busy (timed out) or closing: every waiting Get gets the
+                // same retryable answer.
+                let error = Error::from(e);
+                if let Error::Storage(why) = &error {
+                    tracing::error!(error = %why, "cannot get a read connection");
+                }
+                for request in requests {
+                    let _ = request.reply.send(Err(match &error {
+                        Error::Busy(m) => Error::Busy(m.clone()),
+                        _ => Error::Unavailable("the database cannot be read now".into()),
+                    }));
+                }
+            }
+        }
+        // Reap finished batches so the set stays small.
+        while running.try_join_next().is_some() {}
     }
 }
 

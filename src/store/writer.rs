@@ -15,10 +15,12 @@
 //! published in seq order, one batch after another.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{QueryBuilder, Row, Sqlite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::{Publisher, parse_stored_rev, to_i64, to_u64};
 use crate::domain::{
@@ -46,10 +48,39 @@ pub(super) enum Op {
     },
 }
 
+impl Op {
+    /// Roughly the bytes the op holds: what the writer queue's byte budget
+    /// and the batch size bound count.
+    pub(super) fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 256;
+        match self {
+            Op::Write { writes, .. } => writes
+                .iter()
+                .map(|w| {
+                    let body = match &w.change {
+                        DocChange::Put(body) => body.canonical_json().len(),
+                        DocChange::Delete => 0,
+                    };
+                    FIXED + w.id.as_str().len() + body
+                })
+                .sum(),
+            Op::Notify { attributes, .. } => {
+                FIXED
+                    + attributes
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+            }
+            Op::CreateDatabase { .. } | Op::DeleteDatabase { .. } => FIXED,
+        }
+    }
+}
+
 /// What an `Op` produced.
 pub(super) enum Outcome {
     Database(DatabaseInfo),
-    Deleted,
+    /// The seq of the deletion event.
+    Deleted(u64),
     Written(Vec<Result<WriteOutcome>>),
     Notified(u64),
 }
@@ -58,6 +89,9 @@ pub(super) enum Command {
     Run {
         op: Op,
         reply: oneshot::Sender<Result<Outcome>>,
+        /// The op's share of the writer queue's byte budget, given back once
+        /// it is answered.
+        permit: OwnedSemaphorePermit,
     },
     /// Commit what is queued, checkpoint, close, then answer.
     Shutdown { reply: oneshot::Sender<()> },
@@ -72,6 +106,38 @@ pub(super) struct Retention {
     pub pruned_through: u64,
 }
 
+/// The bound on the WAL file. SQLite only restarts the WAL from its start
+/// when a checkpoint has copied all of it back and no writer is appending;
+/// a checkpointer on another connection never sees that moment under
+/// sustained writes, so the WAL would grow for ever. The writer therefore
+/// checkpoints (TRUNCATE) between two batches once the file passes half the
+/// bound, and cuts batches to a quarter of it, so the file stays under the
+/// bound; and it truncates the WAL when writes pause.
+pub(super) struct WalBound {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+}
+
+impl WalBound {
+    fn len(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// The most request bytes (`Op::approx_bytes`) taken into one batch.
+    fn batch_bytes(&self) -> usize {
+        usize::try_from(self.max_bytes / 4)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+}
+
+/// How long writes must pause before the writer truncates the WAL.
+const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
+/// After this many batches failed in a row, the writer gives up: the
+/// database cannot be written (disk full, I/O errors), and the process
+/// should stop so that an orchestrator restarts or replaces it.
+const MAX_FAILED_BATCHES: u32 = 3;
+
 /// Most events deleted in one batch, so pruning never stalls writers.
 const PRUNE_CHUNK: u64 = 10_000;
 /// Rows per multi-row statement (SQLite allows 32766 bound values).
@@ -83,8 +149,13 @@ pub(super) struct Writer {
     conn: SqliteConnection,
     rx: mpsc::Receiver<Command>,
     last_seq: u64,
+    /// The highest database id ever given: ids are never reused.
+    last_db_id: i64,
     max_batch: usize,
     retention: Retention,
+    wal: WalBound,
+    /// Something was committed since the WAL was last truncated.
+    wal_dirty: bool,
     publish: Publisher,
     /// Every database, by name: only the writer creates and deletes them.
     databases: HashMap<DbName, DbRow>,
@@ -140,23 +211,34 @@ impl Writer {
         last_seq: u64,
         max_batch: usize,
         retention: Retention,
+        wal: WalBound,
         publish: Publisher,
     ) -> Result<Self> {
         let databases = load_databases(&mut conn).await?;
+        let last_db_id: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'last_db_id'")
+                .fetch_one(&mut conn)
+                .await?;
         Ok(Writer {
             conn,
             rx,
             last_seq,
+            last_db_id,
             max_batch,
             retention,
+            wal,
+            wal_dirty: true,
             publish,
             databases,
         })
     }
 
-    pub(super) async fn run(mut self) {
+    /// Commits batches until shut down. Returns an error if it gave up
+    /// because the database can no longer be written.
+    pub(super) async fn run(mut self) -> Result<()> {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
-        let mut batch = Vec::with_capacity(self.max_batch);
+        let mut batch: Vec<Command> = Vec::with_capacity(self.max_batch);
+        let mut failed_in_a_row = 0;
         loop {
             if shutdown.is_some() {
                 // Commit what was queued before the shutdown, then stop.
@@ -169,13 +251,21 @@ impl Writer {
                 if batch.is_empty() {
                     break;
                 }
-            } else if self.rx.recv_many(&mut batch, self.max_batch).await == 0 {
-                break;
+            } else if batch.is_empty() {
+                tokio::select! {
+                    n = self.rx.recv_many(&mut batch, self.max_batch) => if n == 0 { break },
+                    () = tokio::time::sleep(IDLE_TRUNCATE_AFTER), if self.wal_dirty => {
+                        self.truncate_wal().await;
+                        continue;
+                    }
+                }
             }
+            // Commands beyond the batch's byte bound wait for the next one.
+            let rest = batch.split_off(self.batch_end(&batch));
             let mut ops = Vec::with_capacity(batch.len());
             for cmd in batch.drain(..) {
                 match cmd {
-                    Command::Run { op, reply } => ops.push((op, reply)),
+                    Command::Run { op, reply, permit } => ops.push((op, reply, permit)),
                     Command::Shutdown { reply } => {
                         // Refuse new commands; queued ones are still drained.
                         self.rx.close();
@@ -185,20 +275,97 @@ impl Writer {
                     }
                 }
             }
-            if !ops.is_empty() {
-                self.commit_batch(ops).await;
+            batch = rest;
+            if ops.is_empty() {
+                continue;
+            }
+            if self.commit_batch(ops).await {
+                failed_in_a_row = 0;
+                if self.wal.len() > self.wal.max_bytes / 2 {
+                    self.truncate_wal().await;
+                }
+            } else {
+                failed_in_a_row += 1;
+                if failed_in_a_row >= MAX_FAILED_BATCHES {
+                    self.fail_queued(batch);
+                    return Err(Error::Storage(
+                        format!("{failed_in_a_row} batches in a row failed to commit; giving up")
+                            .into(),
+                    ));
+                }
             }
         }
         self.checkpoint_and_close().await;
         if let Some(reply) = shutdown {
             let _ = reply.send(());
         }
+        Ok(())
     }
 
-    async fn commit_batch(&mut self, ops: Vec<(Op, Reply)>) {
-        let before = (self.last_seq, self.retention);
-        let (ops, replies): (Vec<Op>, Vec<Reply>) = ops.into_iter().unzip();
+    /// How many of `batch`'s commands go into this batch: all, unless their
+    /// bytes pass the WAL-derived bound (then at least one).
+    fn batch_end(&self, batch: &[Command]) -> usize {
+        let limit = self.wal.batch_bytes();
+        let mut bytes = 0;
+        for (i, cmd) in batch.iter().enumerate() {
+            if let Command::Run { op, .. } = cmd {
+                bytes += op.approx_bytes();
+                if bytes > limit && i > 0 {
+                    return i;
+                }
+            }
+        }
+        batch.len()
+    }
+
+    /// Answers what is left when the writer gives up; the channel is closed
+    /// so later writes fail at once.
+    fn fail_queued(&mut self, batch: Vec<Command>) {
+        self.rx.close();
+        let queued = std::iter::from_fn(|| self.rx.try_recv().ok());
+        for cmd in batch.into_iter().chain(queued.collect::<Vec<_>>()) {
+            match cmd {
+                Command::Run { reply, .. } => {
+                    let _ = reply.send(Err(Error::Unavailable(
+                        "the server can no longer write to its database and is stopping".into(),
+                    )));
+                }
+                Command::Shutdown { reply } => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    /// Checkpoints on the writer's own connection, between batches: copies
+    /// the WAL back into the database and empties the file (TRUNCATE).
+    async fn truncate_wal(&mut self) {
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut self.conn)
+            .await
+        {
+            // busy = 0: the whole WAL was copied back and reset.
+            Ok((0, _, _)) => self.wal_dirty = false,
+            Ok(_) => tracing::debug!("WAL checkpoint could not finish (readers); retrying later"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying later"),
+        }
+    }
+
+    /// Commits one batch and answers its requests; false if it failed.
+    async fn commit_batch(&mut self, ops: Vec<(Op, Reply, OwnedSemaphorePermit)>) -> bool {
+        let before = (self.last_seq, self.last_db_id, self.retention);
+        let mut replies = Vec::with_capacity(ops.len());
+        let mut permits = Vec::with_capacity(ops.len());
+        let ops = ops
+            .into_iter()
+            .map(|(op, reply, permit)| {
+                replies.push(reply);
+                permits.push(permit);
+                op
+            })
+            .collect();
         let mut events = Vec::new();
+        self.wal_dirty = true;
         match self.run_batch(ops, &mut events).await {
             Ok(results) => {
                 if !events.is_empty() {
@@ -209,13 +376,14 @@ impl Writer {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
+                true
             }
             Err(e) => {
                 tracing::error!(error = %e, "batch failed; it is rolled back");
                 if let Err(e) = execute(&mut self.conn, "ROLLBACK").await {
                     tracing::error!(error = %e, "rollback failed");
                 }
-                (self.last_seq, self.retention) = before;
+                (self.last_seq, self.last_db_id, self.retention) = before;
                 // Database creates/deletes of the batch were rolled back too.
                 match load_databases(&mut self.conn).await {
                     Ok(dbs) => self.databases = dbs,
@@ -227,6 +395,7 @@ impl Writer {
                             .into(),
                     )));
                 }
+                false
             }
         }
     }
@@ -238,7 +407,7 @@ impl Writer {
         ops: Vec<Op>,
         events: &mut Vec<Event>,
     ) -> Result<Vec<Result<Outcome>>> {
-        let seq_before = self.last_seq;
+        let (seq_before, db_id_before) = (self.last_seq, self.last_db_id);
         execute(&mut self.conn, "BEGIN").await?;
         let mut pending = Pending::default();
         self.prefetch(&ops, &mut pending).await?;
@@ -293,6 +462,12 @@ impl Writer {
             tail.push_str(&format!(
                 "UPDATE databases SET doc_count = doc_count + {delta}, update_seq = {} WHERE id = {db_id};\n",
                 to_i64(update_seq)
+            ));
+        }
+        if self.last_db_id != db_id_before {
+            tail.push_str(&format!(
+                "UPDATE counters SET value = {} WHERE name = 'last_db_id';\n",
+                self.last_db_id
             ));
         }
         if self.last_seq != seq_before {
@@ -624,16 +799,24 @@ impl Writer {
         Ok(())
     }
 
+    /// Creates a database instance with a new id (never reused). Its
+    /// `created_seq` is the head seq at creation: a previous instance of the
+    /// name ended with a deletion event, so every seq a client can hold from
+    /// it is smaller.
     async fn create_database(&mut self, name: DbName, sync_key: SyncKey) -> Result<Outcome> {
         if self.databases.contains_key(&name) {
             return Err(Error::DatabaseExists(name.to_string()));
         }
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO databases (name, sync_key) VALUES (?1, ?2) RETURNING id",
+        self.last_db_id += 1;
+        let (id, created_seq) = (self.last_db_id, self.last_seq);
+        sqlx::query(
+            "INSERT INTO databases (id, name, sync_key, created_seq) VALUES (?1, ?2, ?3, ?4)",
         )
+        .bind(id)
         .bind(name.as_str())
         .bind(sync_key.as_str())
-        .fetch_one(&mut self.conn)
+        .bind(to_i64(created_seq))
+        .execute(&mut self.conn)
         .await?;
         self.databases.insert(
             name.clone(),
@@ -647,9 +830,14 @@ impl Writer {
             sync_key,
             doc_count: 0,
             update_seq: 0,
+            created_seq,
         }))
     }
 
+    /// Deletes a database and its documents, and logs the deletion as an
+    /// event of its sync key, so subscribers learn of it (live or replayed).
+    /// The batch forgets everything it knew of the database, counters
+    /// included: a database created again in the same batch starts empty.
     async fn delete_database(&mut self, name: &DbName, pending: &mut Pending) -> Result<Outcome> {
         let db = self
             .databases
@@ -667,7 +855,19 @@ impl Writer {
         self.databases.remove(name);
         pending.docs.retain(|(db_id, _), _| *db_id != db.id);
         pending.prefetched.remove(&db.id);
-        Ok(Outcome::Deleted)
+        pending.counters.remove(&db.id);
+        self.last_seq += 1;
+        pending.events.push(Event {
+            seq: self.last_seq,
+            sync_key: db.sync_key,
+            database: Some(name.clone()),
+            id: None,
+            rev: None,
+            deleted: true,
+            aliases: Vec::new(),
+            attributes: BTreeMap::new(),
+        });
+        Ok(Outcome::Deleted(self.last_seq))
     }
 
     /// Up to which seq to delete events beyond the retention now, at most

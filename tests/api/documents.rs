@@ -89,7 +89,7 @@ async fn create_conflicts_with_live_document() {
         .await
         .unwrap_err();
     assert!(
-        status.message().contains("sent no rev (a create)"),
+        status.message().contains("but the request sent no rev;"),
         "{}",
         status.message()
     );

@@ -113,6 +113,7 @@ impl SyncService for Noop {
         Ok(Response::new(pb::ChangesResponse {
             changes: vec![],
             last_seq: r.into_inner().since,
+            ..Default::default()
         }))
     }
     async fn notify(
