@@ -78,6 +78,18 @@ impl TestServer {
     pub async fn channel(&self) -> Channel {
         channel(self.addr).await
     }
+
+    /// The server's database file.
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.config.db.clone()
+    }
+
+    /// Asks the server to shut down, without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl Drop for TestServer {
@@ -127,16 +139,45 @@ pub struct ProcessServer {
 
 impl ProcessServer {
     pub async fn start(db: &Path) -> ProcessServer {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agsync"))
+        Self::start_with(db, &[], None).await
+    }
+
+    /// With extra flags, and optionally a file-size limit (RLIMIT_FSIZE, with
+    /// SIGXFSZ ignored so a write past it fails with EFBIG): a disk that
+    /// fills up, which works even as root.
+    pub async fn start_with(
+        db: &Path,
+        args: &[&str],
+        max_file_bytes: Option<u64>,
+    ) -> ProcessServer {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_agsync"));
+        command
             .args(["--listen", "127.0.0.1:0", "--db"])
             .arg(db)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn agsync");
+            .kill_on_drop(true);
+        if let Some(limit) = max_file_bytes {
+            // SAFETY: between fork and exec only async-signal-safe calls
+            // (signal, setrlimit) run, touching no memory of the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn agsync");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
@@ -160,18 +201,28 @@ impl ProcessServer {
         self.child.kill().await.expect("kill agsync");
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends a signal ("TERM", "HUP"...) with kill(1).
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("pid");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+    }
+
+    /// Waits for the process to exit by itself, at most `within`.
+    pub async fn wait(mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
             .await
-            .expect("agsync exits within 30 s of SIGTERM")
+            .expect("agsync exits in time")
             .expect("wait")
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait(Duration::from_secs(30)).await
     }
 }
 

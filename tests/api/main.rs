@@ -7,6 +7,8 @@ mod databases;
 mod documents;
 mod durability;
 mod hostile;
+mod lifecycle;
+mod limits;
 mod security;
 mod server;
 mod sync;

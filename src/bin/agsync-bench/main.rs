@@ -8,7 +8,13 @@
 //! `compare` starts both side by side (fresh database each run), runs the
 //! workload against each `--runs` times and prints medians and the ratio.
 
+// Message literals end with `..Default::default()` even when they name every
+// field today, so fields added to the proto do not break the bench.
+#![allow(clippy::needless_update)]
+
+mod hostile;
 mod noop;
+mod walsoak;
 mod workloads;
 
 use std::net::SocketAddr;
@@ -91,13 +97,27 @@ pub enum Workload {
     /// Writers and subscribers together for the whole duration; fails on any
     /// error other than a conflict or any undelivered event.
     Soak,
+    /// `--clients` CAS-updaters plus `--clients` creators for the whole
+    /// duration while the server's WAL (`--db-file`-wal) is sampled every
+    /// second; fails on any error other than a conflict, or on a sample over
+    /// `--wal-max-bytes`.
+    WalSoak,
+    /// After an untimed setup (`--docs` documents of ~100 KiB, `--events`
+    /// Notify events over `--keys` keys), runs together: `--bulk-clients`
+    /// ~15.5 MiB BulkPuts, `--pager-clients` paging Changes with bodies under
+    /// the default 4 MiB receive limit, `--subscribers` replaying their key
+    /// from since=0, and `--good-clients` small Put/Get clients whose latency
+    /// is the headline. Fails on a missed or repeated event, an oversized
+    /// page, any real error, or `--max-rss-mb` / `--good-p99-ms` exceeded.
+    Hostile,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkloadArgs {
     #[arg(long, value_enum)]
     pub workload: Workload,
-    /// Concurrent clients (writers for soak).
+    /// Concurrent clients (writers for soak; each of the two writer groups of
+    /// wal-soak; the setup writers of hostile).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
     /// HTTP/2 connections the clients share.
@@ -106,21 +126,52 @@ pub struct WorkloadArgs {
     /// How long the measured phase runs.
     #[arg(long, default_value_t = 10.0)]
     pub duration_secs: f64,
-    /// Documents preloaded first (get, update; preload's target).
+    /// Documents preloaded first (get, update, wal-soak; preload's target;
+    /// hostile's ~100 KiB documents).
     #[arg(long, default_value_t = 10_000)]
     pub docs: usize,
-    /// Subscribers (fanout, soak).
-    #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
+    /// Subscribers (fanout, soak: default 1000; hostile: default 5000).
+    #[arg(long)]
+    pub subscribers: Option<usize>,
     /// Documents per BulkPut (bulk).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Events logged before the replay (replay).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub events: usize,
+    /// Events logged before the replay (replay: default 1000000; hostile:
+    /// default 100000, spread over `--keys`).
+    #[arg(long)]
+    pub events: Option<usize>,
     /// Time between the writer's Puts (fanout).
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
+    /// The server's SQLite database file, its `--db` (wal-soak; required
+    /// there). The WAL is sampled from `PATH-wal`, the shared memory from
+    /// `PATH-shm`. `compare` sets it to the database it creates.
+    #[arg(long)]
+    pub db_file: Option<PathBuf>,
+    /// Fail wal-soak when any sample of the WAL is bigger than this. Pass the
+    /// server's own bound to the server too (`--server-arg=--wal-max-bytes=N`
+    /// with `compare`).
+    #[arg(long)]
+    pub wal_max_bytes: Option<u64>,
+    /// Sync keys the events are spread over (hostile).
+    #[arg(long, default_value_t = 100)]
+    pub keys: usize,
+    /// Clients looping ~15.5 MiB BulkPuts (hostile).
+    #[arg(long, default_value_t = 64)]
+    pub bulk_clients: usize,
+    /// Clients paging Changes with bodies (hostile).
+    #[arg(long, default_value_t = 32)]
+    pub pager_clients: usize,
+    /// Well-behaved clients doing small Puts and Gets (hostile).
+    #[arg(long, default_value_t = 8)]
+    pub good_clients: usize,
+    /// Fail hostile when the server's peak RSS exceeds this (needs
+    /// `--server-pid`).
+    #[arg(long)]
+    pub max_rss_mb: Option<u64>,
+    /// Fail hostile when the well-behaved clients' p99 latency exceeds this.
+    #[arg(long)]
+    pub good_p99_ms: Option<f64>,
 }
 
 #[tokio::main]
@@ -235,12 +286,19 @@ async fn compare(
         };
         for which in order {
             let dir = TempDir::new(data_dir.as_deref(), run)?;
+            let db_file = dir.0.join("bench.db");
+            // wal-soak samples the files of the database this run created;
+            // the no-op server has none.
+            let run_args = WorkloadArgs {
+                db_file: (which == "agsync").then(|| db_file.clone()),
+                ..workload.clone()
+            };
             let mut child = if which == "agsync" {
                 let mut args = vec![
                     "--listen".to_owned(),
                     "127.0.0.1:0".to_owned(),
                     "--db".to_owned(),
-                    dir.0.join("bench.db").display().to_string(),
+                    db_file.display().to_string(),
                 ];
                 args.extend(server_args.iter().cloned());
                 spawn(&agsync, &args).await?
@@ -255,7 +313,7 @@ async fn compare(
                 )
                 .await?
             };
-            let mut report = workloads::run(child.addr, Some(child.pid), workload).await?;
+            let mut report = workloads::run(child.addr, Some(child.pid), &run_args).await?;
             report.server = which.to_owned();
             report.run = run;
             println!("{}", report.json());
@@ -268,7 +326,10 @@ async fn compare(
     let a = Report::median(&agsync_runs);
     let n = Report::median(&noop_runs);
     print_table(&[&a, &n]);
-    let throughput_workload = !matches!(workload.workload, Workload::Fanout | Workload::Replay);
+    let throughput_workload = !matches!(
+        workload.workload,
+        Workload::Fanout | Workload::Replay | Workload::Hostile
+    );
     if throughput_workload && n.ops_per_s > 0.0 {
         println!(
             "agsync / no-op ceiling: {:.1}% of throughput (medians of {runs} runs)",
@@ -317,8 +378,31 @@ impl Drop for TempDir {
 }
 
 impl WorkloadArgs {
+    /// The name given on the command line, e.g. "wal-soak".
     pub fn workload_name(&self) -> String {
-        format!("{:?}", self.workload).to_lowercase()
+        self.workload
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned())
+    }
+
+    /// `--subscribers`, or the workload's default.
+    pub fn subscribers(&self) -> usize {
+        let default = if self.workload == Workload::Hostile {
+            5000
+        } else {
+            1000
+        };
+        self.subscribers.unwrap_or(default)
+    }
+
+    /// `--events`, or the workload's default.
+    pub fn events(&self) -> usize {
+        let default = if self.workload == Workload::Hostile {
+            100_000
+        } else {
+            1_000_000
+        };
+        self.events.unwrap_or(default)
     }
 }
 

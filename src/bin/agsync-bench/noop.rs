@@ -16,6 +16,8 @@ pub struct Noop {
 }
 
 const REV: &str = "1-00000000000000000000000000000000";
+/// agsync's default `--max-request-bytes`.
+const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 impl Noop {
     fn next_seq(&self) -> u64 {
@@ -40,13 +42,14 @@ impl SyncService for Noop {
                 name: r.name,
                 ..Default::default()
             }),
+            ..Default::default()
         }))
     }
     async fn delete_database(
         &self,
         _: Request<pb::DeleteDatabaseRequest>,
     ) -> Result<Response<pb::DeleteDatabaseResponse>, Status> {
-        Ok(Response::new(pb::DeleteDatabaseResponse {}))
+        Ok(Response::new(pb::DeleteDatabaseResponse::default()))
     }
     async fn list_databases(
         &self,
@@ -60,6 +63,7 @@ impl SyncService for Noop {
     ) -> Result<Response<pb::NewIdResponse>, Status> {
         Ok(Response::new(pb::NewIdResponse {
             ids: vec!["0".repeat(32)],
+            ..Default::default()
         }))
     }
     async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
@@ -67,6 +71,7 @@ impl SyncService for Noop {
             id: r.into_inner().id,
             rev: REV.into(),
             seq: self.next_seq(),
+            ..Default::default()
         }))
     }
     async fn get(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
@@ -76,7 +81,9 @@ impl SyncService for Noop {
                 rev: REV.into(),
                 body: Some(prost_types::Struct::default()),
                 seq: 1,
+                ..Default::default()
             }),
+            ..Default::default()
         }))
     }
     async fn delete(
@@ -87,6 +94,7 @@ impl SyncService for Noop {
             id: r.into_inner().id,
             rev: REV.into(),
             seq: self.next_seq(),
+            ..Default::default()
         }))
     }
     async fn bulk_put(
@@ -104,14 +112,16 @@ impl SyncService for Noop {
                 ..Default::default()
             })
             .collect();
-        Ok(Response::new(pb::BulkPutResponse { results }))
+        Ok(Response::new(pb::BulkPutResponse {
+            results,
+            ..Default::default()
+        }))
     }
     async fn changes(
         &self,
         r: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
         Ok(Response::new(pb::ChangesResponse {
-            changes: vec![],
             last_seq: r.into_inner().since,
             ..Default::default()
         }))
@@ -122,6 +132,7 @@ impl SyncService for Noop {
     ) -> Result<Response<pb::NotifyResponse>, Status> {
         Ok(Response::new(pb::NotifyResponse {
             seq: self.next_seq(),
+            ..Default::default()
         }))
     }
 
@@ -135,7 +146,11 @@ impl SyncService for Noop {
         let head_seq = self.seq.load(Ordering::Relaxed);
         tokio::spawn(async move {
             let subscribed = pb::SubscribeResponse {
-                event: Some(Event::Subscribed(pb::Subscribed { head_seq })),
+                event: Some(Event::Subscribed(pb::Subscribed {
+                    head_seq,
+                    ..Default::default()
+                })),
+                ..Default::default()
             };
             if tx.send(Ok(subscribed)).await.is_ok() {
                 tx.closed().await; // hold the stream open until the client leaves
@@ -152,7 +167,13 @@ pub async fn serve(listen: SocketAddr) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     eprintln!("no-op server listening address={local}");
     tonic::transport::Server::builder()
-        .add_service(SyncServiceServer::new(Noop::default()))
+        .add_service(
+            // The same message limits as agsync's defaults (server.rs), so
+            // near-limit requests are a fair comparison.
+            SyncServiceServer::new(Noop::default())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(usize::MAX),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {

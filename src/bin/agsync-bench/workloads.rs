@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use crate::{Workload, WorkloadArgs};
 
-type Client = SyncServiceClient<Channel>;
+pub(crate) type Client = SyncServiceClient<Channel>;
 
 /// The result of one run against one server.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +64,16 @@ impl Report {
         v.to_string()
     }
 
+    /// Adds workload-specific figures to the JSON line.
+    pub fn insert_extra<'a>(
+        &mut self,
+        pairs: impl IntoIterator<Item = (&'a str, serde_json::Value)>,
+    ) {
+        for (k, v) in pairs {
+            self.extra.insert(k.to_owned(), v);
+        }
+    }
+
     /// The run with the median throughput.
     pub fn median(reports: &[&Report]) -> Report {
         let mut sorted: Vec<&Report> = reports.to_vec();
@@ -77,18 +87,37 @@ impl Report {
 
 /// What one operation came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Ok(u64),
     Conflict,
+    /// The server shed the request (UNAVAILABLE, RESOURCE_EXHAUSTED) and the
+    /// client backs off and retries: only the hostile workload counts these
+    /// apart from errors.
+    Rejected,
     Error,
 }
 
 #[derive(Default)]
-struct Totals {
-    latencies_us: Vec<u32>,
-    ops: u64,
-    conflicts: u64,
-    errors: u64,
+pub(crate) struct Totals {
+    pub latencies_us: Vec<u32>,
+    pub ops: u64,
+    pub conflicts: u64,
+    pub rejected: u64,
+    pub errors: u64,
+}
+
+/// The `p` quantile (0..=1) of sorted microseconds, in milliseconds.
+pub(crate) fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted_us[i]) / 1000.0
+}
+
+/// Microseconds for a latency vector (saturating: u32 holds 71 minutes).
+pub(crate) fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 impl Totals {
@@ -96,18 +125,13 @@ impl Totals {
         self.latencies_us.extend(other.latencies_us);
         self.ops += other.ops;
         self.conflicts += other.conflicts;
+        self.rejected += other.rejected;
         self.errors += other.errors;
     }
 
-    fn into_report(mut self, args: &WorkloadArgs, elapsed: Duration) -> Report {
+    pub(crate) fn into_report(mut self, args: &WorkloadArgs, elapsed: Duration) -> Report {
         self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if self.latencies_us.is_empty() {
-                return 0.0;
-            }
-            let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
-            f64::from(self.latencies_us[i]) / 1000.0
-        };
+        let pct = |p: f64| percentile_ms(&self.latencies_us, p);
         Report {
             workload: args.workload_name(),
             clients: args.clients,
@@ -123,8 +147,16 @@ impl Totals {
     }
 }
 
+/// How long an operation may still run after the deadline before its client
+/// gives up (counted as an error), so a stuck server cannot hang a run.
+const OVERRUN: Duration = Duration::from_secs(60);
+
 /// Runs `op` on every state concurrently until `duration` has passed.
-async fn drive<S, F, Fut>(states: Vec<S>, duration: Duration, op: F) -> (Totals, Duration)
+pub(crate) async fn drive<S, F, Fut>(
+    states: Vec<S>,
+    duration: Duration,
+    op: F,
+) -> (Totals, Duration)
 where
     S: Send + 'static,
     F: Fn(S, u64) -> Fut + Clone + Send + Sync + 'static,
@@ -141,15 +173,19 @@ where
                 let mut n = 0;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let (next, outcome) = op(state, n).await;
+                    let Ok((next, outcome)) =
+                        tokio::time::timeout_at((deadline + OVERRUN).into(), op(state, n)).await
+                    else {
+                        totals.errors += 1;
+                        break;
+                    };
                     state = next;
                     n += 1;
-                    totals
-                        .latencies_us
-                        .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    totals.latencies_us.push(micros(t.elapsed()));
                     match outcome {
                         Outcome::Ok(k) => totals.ops += k,
                         Outcome::Conflict => totals.conflicts += 1,
+                        Outcome::Rejected => totals.rejected += 1,
                         Outcome::Error => totals.errors += 1,
                     }
                 }
@@ -166,7 +202,7 @@ where
     (all, start.elapsed())
 }
 
-fn rss_kb(pid: Option<u32>) -> u64 {
+pub(crate) fn rss_kb(pid: Option<u32>) -> u64 {
     let Some(pid) = pid else { return 0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -179,7 +215,7 @@ fn rss_kb(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
-async fn connections(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, String> {
+pub(crate) async fn connections(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, String> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -194,7 +230,9 @@ async fn connections(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, String>
     Ok(out)
 }
 
-fn clients(channels: &[Channel], n: usize) -> Vec<Client> {
+/// `n` clients spread round-robin over the channels, with no message size
+/// limit either way.
+pub(crate) fn clients(channels: &[Channel], n: usize) -> Vec<Client> {
     (0..n)
         .map(|i| {
             SyncServiceClient::new(channels[i % channels.len()].clone())
@@ -219,21 +257,22 @@ fn body(n: u64) -> prost_types::Struct {
     }
 }
 
-fn put_request(db: &str, id: String, rev: String, n: u64) -> pb::PutRequest {
+pub(crate) fn put_request(db: &str, id: String, rev: String, n: u64) -> pb::PutRequest {
     pb::PutRequest {
         database: db.into(),
         id,
         rev,
         body: Some(body(n)),
-        notify_aliases: vec![],
+        ..Default::default()
     }
 }
 
-async fn create_database(c: &mut Client, name: &str, key: &str) -> Result<(), String> {
+pub(crate) async fn create_database(c: &mut Client, name: &str, key: &str) -> Result<(), String> {
     match c
         .create_database(pb::CreateDatabaseRequest {
             name: name.into(),
             sync_key: key.into(),
+            ..Default::default()
         })
         .await
     {
@@ -243,56 +282,150 @@ async fn create_database(c: &mut Client, name: &str, key: &str) -> Result<(), St
     }
 }
 
-/// Fills `db` with documents p0..p{n-1} in parallel BulkPuts; returns their revs.
-async fn preload(clients: &[Client], db: &str, n: usize) -> Result<Vec<String>, String> {
-    const CHUNK: usize = 1000;
-    let revs = Arc::new(Mutex::new(vec![String::new(); n]));
+/// Runs `job` on consecutive chunks of `0..n`, `chunk` indices at a time,
+/// on all `clients` in parallel (each takes the next chunk when done).
+pub(crate) async fn in_chunks<F, Fut>(
+    clients: &[Client],
+    n: usize,
+    chunk: usize,
+    job: F,
+) -> Result<(), String>
+where
+    F: Fn(Client, std::ops::Range<usize>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let chunk = chunk.max(1);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for c in clients.iter().take(8) {
-        let (mut c, revs, next, db) = (c.clone(), revs.clone(), next.clone(), db.to_owned());
+    for c in clients {
+        let (c, next, job) = (c.clone(), next.clone(), job.clone());
         tasks.push(tokio::spawn(async move {
             loop {
-                let start = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+                let start = next.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
                 if start >= n {
                     return Ok::<(), String>(());
                 }
-                let end = (start + CHUNK).min(n);
-                let docs = (start..end)
-                    .map(|i| pb::BulkPutItem {
-                        id: format!("p{i}"),
-                        rev: String::new(),
-                        body: Some(body(i as u64)),
-                        notify_aliases: vec![],
-                    })
-                    .collect();
-                let results = c
-                    .bulk_put(pb::BulkPutRequest {
-                        database: db.clone(),
-                        docs,
-                    })
-                    .await
-                    .map_err(|s| format!("preload BulkPut: {s}"))?
-                    .into_inner()
-                    .results;
-                let mut revs = revs.lock().await;
-                for (i, r) in (start..end).zip(results) {
-                    if !r.error.is_empty() {
-                        return Err(format!("preload p{i}: {} {}", r.error, r.reason));
-                    }
-                    revs[i] = r.rev;
-                }
+                job(c.clone(), start..(start + chunk).min(n)).await?;
             }
         }));
     }
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
+    Ok(())
+}
+
+/// Fills `db` with documents p0..p{n-1} in parallel BulkPuts; returns their revs.
+pub(crate) async fn preload(clients: &[Client], db: &str, n: usize) -> Result<Vec<String>, String> {
+    preload_bodies(clients, db, n, 1000, body).await
+}
+
+/// Fills `db` with documents p0..p{n-1}, `make(i)` being p{i}'s body, in
+/// BulkPuts of `chunk` documents over up to 8 clients; returns their revs.
+pub(crate) async fn preload_bodies(
+    clients: &[Client],
+    db: &str,
+    n: usize,
+    chunk: usize,
+    make: fn(u64) -> prost_types::Struct,
+) -> Result<Vec<String>, String> {
+    let revs = Arc::new(Mutex::new(vec![String::new(); n]));
+    let (r, db) = (revs.clone(), db.to_owned());
+    let writers = &clients[..clients.len().min(8)];
+    in_chunks(writers, n, chunk, move |mut c, range| {
+        let (revs, db) = (r.clone(), db.clone());
+        async move {
+            let docs = range
+                .clone()
+                .map(|i| pb::BulkPutItem {
+                    id: format!("p{i}"),
+                    body: Some(make(i as u64)),
+                    ..Default::default()
+                })
+                .collect();
+            let results = c
+                .bulk_put(pb::BulkPutRequest {
+                    database: db,
+                    docs,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| format!("preload BulkPut: {s}"))?
+                .into_inner()
+                .results;
+            let mut revs = revs.lock().await;
+            for (i, r) in range.zip(results) {
+                if !r.error.is_empty() {
+                    return Err(format!("preload p{i}: {} {}", r.error, r.reason));
+                }
+                revs[i] = r.rev;
+            }
+            Ok(())
+        }
+    })
+    .await?;
     let revs = revs.lock().await.clone();
     Ok(revs)
 }
 
-fn outcome<T>(r: Result<T, tonic::Status>, ok: u64) -> Outcome {
+/// Whether `c` talks to the no-op server: it lists no databases, even after
+/// `run` created one.
+pub(crate) async fn is_noop(c: &mut Client) -> Result<bool, String> {
+    let listed = c
+        .list_databases(pb::ListDatabasesRequest::default())
+        .await
+        .map_err(|s| format!("ListDatabases: {s}"))?;
+    Ok(listed.into_inner().databases.is_empty())
+}
+
+/// Whether the server shed the request and asks to be called again later.
+pub(crate) fn is_rejection(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::ResourceExhausted)
+}
+
+/// Sleeps 50-200 ms, varied by `seed`, before retrying a rejected call.
+pub(crate) async fn back_off(seed: &mut u64) {
+    tokio::time::sleep(Duration::from_millis(50 + xorshift(seed) % 151)).await;
+}
+
+/// Calls `sample` every `period` on its own task until `finish` (or until
+/// `bound` has passed, so a forgotten sampler cannot run forever).
+pub(crate) struct Sampler<T> {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<T>>,
+}
+
+impl<T: Send + 'static> Sampler<T> {
+    pub(crate) fn spawn(
+        period: Duration,
+        bound: Duration,
+        mut sample: impl FnMut() -> T + Send + 'static,
+    ) -> Sampler<T> {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let end = Instant::now() + bound;
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while Instant::now() < end {
+                tokio::select! {
+                    _ = tick.tick() => samples.push(sample()),
+                    _ = &mut stopped => break,
+                }
+            }
+            samples
+        });
+        Sampler { stop, task }
+    }
+
+    /// Stops sampling; returns the samples in time order.
+    pub(crate) async fn finish(self) -> Vec<T> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+pub(crate) fn outcome<T>(r: Result<T, tonic::Status>, ok: u64) -> Outcome {
     match r {
         Ok(_) => Outcome::Ok(ok),
         Err(s) if s.code() == Code::Aborted => Outcome::Conflict,
@@ -309,7 +442,7 @@ fn current_rev(status: &tonic::Status) -> Option<String> {
 }
 
 /// A small fast generator for picking documents (not for secrets).
-fn xorshift(state: &mut u64) -> u64 {
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;
@@ -333,10 +466,8 @@ pub async fn run(
                 all.into_iter().enumerate().map(|(k, c)| (c, k)).collect();
             let rss = rss_kb(pid);
             let (totals, elapsed) = drive(states, duration, |(mut c, k), n| async move {
-                let r = c
-                    .put(put_request("bench", format!("c{k}-{n}"), String::new(), n))
-                    .await;
-                ((c, k), outcome(r, 1))
+                let out = create_once(&mut c, format!("c{k}-{n}"), n).await;
+                ((c, k), out)
             })
             .await;
             let mut r = totals.into_report(args, elapsed);
@@ -361,6 +492,7 @@ pub async fn run(
                         .get(pb::GetRequest {
                             database: "bench".into(),
                             id,
+                            ..Default::default()
                         })
                         .await;
                     ((c, seed), outcome(r, 1))
@@ -379,15 +511,15 @@ pub async fn run(
                 let docs = (0..batch)
                     .map(|i| pb::BulkPutItem {
                         id: format!("b{k}-{n}-{i}"),
-                        rev: String::new(),
                         body: Some(body(n)),
-                        notify_aliases: vec![],
+                        ..Default::default()
                     })
                     .collect();
                 let r = c
                     .bulk_put(pb::BulkPutRequest {
                         database: "bench".into(),
                         docs,
+                        ..Default::default()
                     })
                     .await;
                 let ok = match &r {
@@ -424,6 +556,8 @@ pub async fn run(
         Workload::Fanout => fanout(addr, args, pid, &channels, all, duration).await?,
         Workload::Replay => replay(args, pid, all).await?,
         Workload::Soak => soak(addr, args, pid, &channels, all, duration).await?,
+        Workload::WalSoak => crate::walsoak::run(args, pid, &channels, duration).await?,
+        Workload::Hostile => crate::hostile::run(addr, args, pid, &channels, all, duration).await?,
     };
     report.workload = args.workload_name();
     report.rss_end_kb = rss_kb(pid);
@@ -441,12 +575,31 @@ async fn update(
     all: Vec<Client>,
     duration: Duration,
 ) -> Result<Report, String> {
+    let (states, n_docs) = own_docs(all, args.docs).await?;
+    let rss = rss_kb(pid);
+    let (totals, elapsed) = drive(states, duration, |(mut c, mut docs), n| async move {
+        let out = update_once(&mut c, "bench", &mut docs, n).await;
+        ((c, docs), out)
+    })
+    .await;
+    let mut r = totals.into_report(args, elapsed);
+    r.rss_start_kb = rss;
+    r.extra.insert("docs".into(), n_docs.into());
+    Ok(r)
+}
+
+/// A client and the (id, last rev) of the documents it alone updates.
+pub(crate) type Owner = (Client, Vec<(String, String)>);
+
+/// Preloads `docs` documents of "bench" (at least 16 per client) and gives
+/// each client 16 of its own, spread evenly; returns them and the count.
+pub(crate) async fn own_docs(all: Vec<Client>, docs: usize) -> Result<(Vec<Owner>, usize), String> {
     const OWN: usize = 16;
-    let clients_n = all.len();
-    let n_docs = args.docs.max(clients_n * OWN);
+    let clients_n = all.len().max(1);
+    let n_docs = docs.max(clients_n * OWN);
     let revs = preload(&all, "bench", n_docs).await?;
     let stride = n_docs / (clients_n * OWN);
-    let states: Vec<(Client, Vec<(String, String)>)> = all
+    let owners = all
         .into_iter()
         .enumerate()
         .map(|(k, c)| {
@@ -459,31 +612,37 @@ async fn update(
             (c, docs)
         })
         .collect();
-    let rss = rss_kb(pid);
-    let (totals, elapsed) = drive(states, duration, |(mut c, mut docs), n| async move {
-        let j = (n as usize) % docs.len();
-        let (id, rev) = docs[j].clone();
-        let r = c.put(put_request("bench", id, rev, n)).await;
-        let out = match r {
-            Ok(resp) => {
-                docs[j].1 = resp.into_inner().rev;
-                Outcome::Ok(1)
+    Ok((owners, n_docs))
+}
+
+/// Puts a new document `id` into "bench".
+pub(crate) async fn create_once(c: &mut Client, id: String, n: u64) -> Outcome {
+    outcome(c.put(put_request("bench", id, String::new(), n)).await, 1)
+}
+
+/// CAS-updates document `n % docs.len()` of `db` with its last known rev,
+/// keeping the new rev (or, on a conflict, the current one).
+pub(crate) async fn update_once(
+    c: &mut Client,
+    db: &str,
+    docs: &mut [(String, String)],
+    n: u64,
+) -> Outcome {
+    let j = (n as usize) % docs.len();
+    let (id, rev) = docs[j].clone();
+    match c.put(put_request(db, id, rev, n)).await {
+        Ok(resp) => {
+            docs[j].1 = resp.into_inner().rev;
+            Outcome::Ok(1)
+        }
+        Err(s) if s.code() == Code::Aborted => {
+            if let Some(cur) = current_rev(&s) {
+                docs[j].1 = cur;
             }
-            Err(s) if s.code() == Code::Aborted => {
-                if let Some(cur) = current_rev(&s) {
-                    docs[j].1 = cur;
-                }
-                Outcome::Conflict
-            }
-            Err(_) => Outcome::Error,
-        };
-        ((c, docs), out)
-    })
-    .await;
-    let mut r = totals.into_report(args, elapsed);
-    r.rss_start_kb = rss;
-    r.extra.insert("docs".into(), n_docs.into());
-    Ok(r)
+            Outcome::Conflict
+        }
+        Err(_) => Outcome::Error,
+    }
 }
 
 /// All clients CAS-update the same 10 documents, each in a retry loop: on a
@@ -555,7 +714,7 @@ async fn open_subscribers(
             .subscribe(pb::SubscribeRequest {
                 sync_keys: vec![key.into()],
                 since: None,
-                alias: String::new(),
+                ..Default::default()
             })
             .await
             .map_err(|e| format!("Subscribe: {e}"))?
@@ -579,7 +738,7 @@ async fn fanout(
     duration: Duration,
 ) -> Result<Report, String> {
     let idle_rss = rss_kb(pid);
-    let streams = subscribe_all(addr, channels, args.subscribers).await?;
+    let streams = subscribe_all(addr, channels, args.subscribers()).await?;
     let subscribed_rss = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
     let (last_tx, receivers) = spawn_readers(streams, deadline, Vec::new, |got, seq| {
@@ -599,7 +758,7 @@ async fn fanout(
         {
             Ok(r) => {
                 sent.insert(r.into_inner().seq, t);
-                put_latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                put_latencies.push(micros(t.elapsed()));
             }
             Err(_) => errors += 1,
         }
@@ -613,12 +772,11 @@ async fn fanout(
         for (seq, at) in r.await.map_err(|e| e.to_string())? {
             if let Some(t0) = sent.get(&seq) {
                 delivered += 1;
-                latencies
-                    .push(u32::try_from(at.duration_since(*t0).as_micros()).unwrap_or(u32::MAX));
+                latencies.push(micros(at.duration_since(*t0)));
             }
         }
     }
-    let expected = sent.len() as u64 * args.subscribers as u64;
+    let expected = sent.len() as u64 * args.subscribers() as u64;
     let is_noop = expected > 0 && delivered == 0;
     let totals = Totals {
         latencies_us: if is_noop { put_latencies } else { latencies },
@@ -627,15 +785,15 @@ async fn fanout(
         } else {
             delivered
         },
-        conflicts: 0,
         errors,
+        ..Default::default()
     };
     let mut r = totals.into_report(args, duration);
-    r.clients = args.subscribers;
+    r.clients = args.subscribers();
     r.rss_start_kb = idle_rss;
-    let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / args.subscribers.max(1) as f64;
+    let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / args.subscribers().max(1) as f64;
     for (k, v) in [
-        ("subscribers", serde_json::Value::from(args.subscribers)),
+        ("subscribers", serde_json::Value::from(args.subscribers())),
         ("delivered", delivered.into()),
         ("expected", expected.into()),
         ("idle_rss_kb", idle_rss.into()),
@@ -651,7 +809,7 @@ async fn fanout(
         "RSS {:.1} MB idle, {:.1} MB with {} subscribers ({per_sub:.1} KB each)",
         idle_rss as f64 / 1024.0,
         subscribed_rss as f64 / 1024.0,
-        args.subscribers
+        args.subscribers()
     ));
     if is_noop {
         r.notes
@@ -676,12 +834,27 @@ async fn subscribe_all(
     channels: &[Channel],
     count: usize,
 ) -> Result<Vec<tonic::Streaming<pb::SubscribeResponse>>, String> {
-    let want = count.div_ceil(250).max(1);
+    let all = stream_channels(addr, channels, count).await?;
+    open_subscribers(&all, "bench.key", count).await
+}
+
+/// Most streams the bench opens on one connection: the server allows 256
+/// concurrent streams per HTTP/2 connection.
+const STREAMS_PER_CONNECTION: usize = 250;
+
+/// `channels` plus as many new connections as `count` streams spread
+/// round-robin need to stay within `STREAMS_PER_CONNECTION` each.
+pub(crate) async fn stream_channels(
+    addr: SocketAddr,
+    channels: &[Channel],
+    count: usize,
+) -> Result<Vec<Channel>, String> {
+    let want = count.div_ceil(STREAMS_PER_CONNECTION).max(1);
     let mut all = channels.to_vec();
     if want > all.len() {
         all.extend(connections(addr, want - all.len()).await?);
     }
-    open_subscribers(&all, "bench.key", count).await
+    Ok(all)
 }
 
 /// One reader task per stream: each folds every notification's seq into its
@@ -727,7 +900,7 @@ async fn read_until_last(
         }
         tokio::select! {
             msg = tokio::time::timeout_at(deadline, stream.message()) => match msg {
-                Ok(Ok(Some(pb::SubscribeResponse { event: Some(Event::Notification(n)) }))) => {
+                Ok(Ok(Some(pb::SubscribeResponse { event: Some(Event::Notification(n)), .. }))) => {
                     seen = n.seq;
                     on(n.seq);
                 }
@@ -743,7 +916,7 @@ async fn read_until_last(
 async fn replay(args: &WorkloadArgs, pid: Option<u32>, all: Vec<Client>) -> Result<Report, String> {
     let mut c = all[0].clone();
     create_database(&mut c, "replay", "replay.key").await?;
-    let revs = preload(&all, "replay", args.events).await?;
+    let revs = preload(&all, "replay", args.events()).await?;
     let expected = revs.len() as u64;
     let rss = rss_kb(pid);
     let start = Instant::now();
@@ -751,7 +924,7 @@ async fn replay(args: &WorkloadArgs, pid: Option<u32>, all: Vec<Client>) -> Resu
         .subscribe(pb::SubscribeRequest {
             sync_keys: vec!["replay.key".into()],
             since: Some(0),
-            alias: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(|e| format!("Subscribe: {e}"))?
@@ -801,7 +974,7 @@ async fn soak(
     duration: Duration,
 ) -> Result<Report, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
-    let streams = subscribe_all(addr, channels, args.subscribers).await?;
+    let streams = subscribe_all(addr, channels, args.subscribers()).await?;
     let rss_start = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(60);
     // Per stream: (received, last seq, all in order).
@@ -850,12 +1023,12 @@ async fn soak(
         delivered += got;
         all_ordered &= ordered;
     }
-    let expected = totals.ops * args.subscribers as u64;
+    let expected = totals.ops * args.subscribers() as u64;
     let rss_end = rss_kb(pid);
     let mut r = totals.into_report(args, elapsed);
     r.rss_start_kb = rss_start;
     for (k, v) in [
-        ("subscribers", serde_json::Value::from(args.subscribers)),
+        ("subscribers", serde_json::Value::from(args.subscribers())),
         ("delivered", delivered.into()),
         ("expected", expected.into()),
     ] {
@@ -864,7 +1037,7 @@ async fn soak(
     r.notes.push(format!(
         "{} writers, {} subscribers: delivered {delivered}/{expected} notifications; server RSS {:.1} MB at start, {:.1} MB at end",
         args.clients,
-        args.subscribers,
+        args.subscribers(),
         rss_start as f64 / 1024.0,
         rss_end as f64 / 1024.0
     ));

@@ -1,0 +1,211 @@
+//! Budgets and bounds: response size, read connections, calls in flight,
+//! the WAL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use agsync::pb::{BulkPutItem, BulkPutRequest, ChangesRequest, ListDatabasesRequest};
+use serde_json::json;
+use tonic::Code;
+
+use crate::helpers::*;
+
+/// `n` documents of about `bytes` bytes each, written with BulkPut.
+async fn fill(c: &mut Client, db: &str, n: usize, bytes: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let docs = chunk
+            .iter()
+            .map(|i| BulkPutItem {
+                id: format!("doc{i:05}"),
+                body: Some(body(json!({"n": i, "text": "x".repeat(bytes)}))),
+                ..Default::default()
+            })
+            .collect();
+        let r = c
+            .bulk_put(BulkPutRequest {
+                database: db.into(),
+                docs,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.error.is_empty()));
+    }
+}
+
+/// A page of 1,000 documents of 5 KB is over the 4 MiB default receive
+/// limit of gRPC clients: the server ends it early, and paging with
+/// `last_seq` still reads every document exactly once.
+#[tokio::test]
+async fn changes_pages_fit_the_default_client_receive_limit() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client.clone();
+    create_db(&mut c, "big").await;
+    fill(&mut c, "big", 1000, 5000).await;
+    // A tonic client keeps its default 4 MiB decoding limit.
+    let mut reader = connect(srv.addr).await;
+    let mut since = 0;
+    let mut seen = HashSet::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = reader
+            .changes(ChangesRequest {
+                database: "big".into(),
+                since,
+                limit: 1000,
+                include_docs: true,
+            })
+            .await
+            .expect("a page within the client's receive limit")
+            .into_inner();
+        if page.changes.is_empty() {
+            assert_eq!(page.last_seq, since);
+            break;
+        }
+        assert!(prost::Message::encoded_len(&page) <= 4 * 1024 * 1024);
+        pages.push(page.changes.len());
+        for change in &page.changes {
+            assert!(seen.insert(change.id.clone()), "{} twice", change.id);
+            assert!(change.body.is_some());
+        }
+        assert_eq!(page.last_seq, page.changes.last().unwrap().seq);
+        since = page.last_seq;
+    }
+    assert_eq!(seen.len(), 1000);
+    assert!(pages.len() >= 2, "the first page ended early: {pages:?}");
+    assert!(pages[0] < 1000 && pages[0] > 500, "{pages:?}");
+}
+
+/// One change bigger than the budget still comes alone: a page always holds
+/// at least one change.
+#[tokio::test]
+async fn a_page_holds_at_least_one_change() {
+    let srv = TestServer::start_with(|c| c.max_response_bytes = 1000).await;
+    let mut c = srv.client.clone();
+    create_db(&mut c, "db").await;
+    fill(&mut c, "db", 3, 2000).await;
+    let mut since = 0;
+    for expected in ["doc00000", "doc00001", "doc00002"] {
+        let page = c
+            .changes(ChangesRequest {
+                database: "db".into(),
+                since,
+                include_docs: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids: Vec<_> = page.changes.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, [expected]);
+        since = page.last_seq;
+    }
+}
+
+/// With a single read connection every kind of read works, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_read_connection_serves_every_read() {
+    let srv = TestServer::start_with(|c| c.read_connections = 1).await;
+    let mut c = srv.client.clone();
+    create_db(&mut c, "db").await;
+    fill(&mut c, "db", 50, 10).await;
+    let reads = (0..8).map(|i| {
+        let mut c = c.clone();
+        async move {
+            get(&mut c, "db", &format!("doc{i:05}")).await.unwrap();
+            c.list_databases(ListDatabasesRequest {}).await.unwrap();
+            let page = c
+                .changes(ChangesRequest {
+                    database: "db".into(),
+                    include_docs: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(page.changes.len(), 50);
+            let mut s = subscribe(&mut c, &["db"], Some(0), "").await.unwrap();
+            for _ in 0..50 {
+                next_notification(&mut s).await;
+            }
+            next_subscribed(&mut s).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(reads))
+        .await
+        .expect("reads finish well before the pool's acquire timeout");
+}
+
+/// Past `--max-in-flight`, calls fail at once with UNAVAILABLE (retryable)
+/// and the server stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_in_flight_cap_are_unavailable() {
+    let srv = TestServer::start_with(|c| c.max_in_flight = 2).await;
+    let mut c = srv.client.clone();
+    create_db(&mut c, "db").await;
+    let puts = (0..64).map(|i| {
+        let mut c = c.clone();
+        async move { put(&mut c, "db", &format!("p{i}"), "", json!({"i": i})).await }
+    });
+    let results = futures::future::join_all(puts).await;
+    let mut refused = 0;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                assert!(s.message().contains("--max-in-flight"), "{}", s.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "64 concurrent Puts with a cap of 2");
+    assert!(refused < 64);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "agsync.v1.SyncService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+/// Under sustained writes the WAL stays under `--wal-max-bytes`, and it is
+/// truncated once writes pause.
+#[tokio::test]
+async fn the_wal_stays_under_its_bound_and_is_truncated_when_idle() {
+    const BOUND: u64 = 1024 * 1024;
+    let srv = TestServer::start_with(|c| c.wal_max_bytes = BOUND).await;
+    let wal = srv.db_path().with_extension("db-wal");
+    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let mut c = srv.client.clone();
+    create_db(&mut c, "db").await;
+    let mut largest = 0;
+    for i in 0..200 {
+        put(
+            &mut c,
+            "db",
+            &format!("d{i}"),
+            "",
+            json!({"text": "y".repeat(50_000)}),
+        )
+        .await
+        .unwrap();
+        largest = largest.max(wal_len());
+    }
+    // 10 MB were written through a WAL bounded to 1 MiB.
+    assert!(largest > 0 && largest <= BOUND, "largest WAL {largest}");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while wal_len() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the WAL is truncated once writes pause");
+}
