@@ -954,3 +954,147 @@ fn not_found(database: &DbName, id: &DocId) -> Error {
         id: id.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    async fn writer(dir: &std::path::Path) -> Writer {
+        let path = dir.join("agsync.db");
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::migrate!("./migrations")
+            .run_direct(&mut conn)
+            .await
+            .unwrap();
+        let (_tx, rx) = mpsc::channel(1);
+        let retention = Retention {
+            keep: 1000,
+            pruned_through: 0,
+        };
+        let wal = WalBound {
+            path: path.with_extension("db-wal"),
+            max_bytes: 1 << 26,
+        };
+        Writer::new(conn, rx, 0, 100, retention, wal, Arc::new(|_| {}))
+            .await
+            .unwrap()
+    }
+
+    /// Commits `ops` as one batch; returns each op's outcome.
+    async fn batch(w: &mut Writer, ops: Vec<Op>) -> Vec<Result<Outcome>> {
+        let budget = Arc::new(Semaphore::new(1 << 20));
+        let mut waiting = Vec::new();
+        let mut queued = Vec::new();
+        for op in ops {
+            let (reply, rx) = oneshot::channel();
+            let permit = budget.clone().try_acquire_owned().unwrap();
+            queued.push((op, reply, permit));
+            waiting.push(rx);
+        }
+        assert!(w.commit_batch(queued).await);
+        let mut outcomes = Vec::new();
+        for rx in waiting {
+            outcomes.push(rx.await.unwrap());
+        }
+        outcomes
+    }
+
+    fn put(db: &str, id: &str) -> Op {
+        let body = Body::parse(
+            "body",
+            serde_json::Map::new(),
+            crate::domain::BodyLimits {
+                max_bytes: 100,
+                max_depth: 4,
+            },
+        )
+        .unwrap();
+        Op::Write {
+            database: DbName::parse("db", db).unwrap(),
+            writes: vec![DocWrite {
+                id: DocId::parse("id", id).unwrap(),
+                rev: None,
+                change: DocChange::Put(body),
+                aliases: vec![],
+            }],
+        }
+    }
+
+    fn name(db: &str) -> DbName {
+        DbName::parse("db", db).unwrap()
+    }
+
+    /// [Put cars/x, DeleteDatabase cars, CreateDatabase cars, Put cars/y]
+    /// in one batch: the new instance holds only y, with its own counters
+    /// and an id the old one never had.
+    #[tokio::test]
+    async fn a_database_deleted_and_created_again_in_one_batch_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path()).await;
+        let create = || Op::CreateDatabase {
+            name: name("cars"),
+            sync_key: SyncKey::parse("k", "cars").unwrap(),
+        };
+        batch(&mut w, vec![create()]).await;
+        let old_id = w.databases[&name("cars")].id;
+        let outcomes = batch(
+            &mut w,
+            vec![
+                put("cars", "x"),
+                Op::DeleteDatabase { name: name("cars") },
+                create(),
+                put("cars", "y"),
+            ],
+        )
+        .await;
+        let mut outcomes = outcomes.into_iter();
+        assert!(
+            matches!(outcomes.next(), Some(Ok(Outcome::Written(r))) if r[0].as_ref().unwrap().seq == 1)
+        );
+        assert!(matches!(outcomes.next(), Some(Ok(Outcome::Deleted(2)))));
+        assert!(matches!(outcomes.next(), Some(Ok(Outcome::Database(db))) if db.created_seq == 2));
+        assert!(
+            matches!(outcomes.next(), Some(Ok(Outcome::Written(r))) if r[0].as_ref().unwrap().seq == 3)
+        );
+
+        let (id, doc_count, update_seq, created_seq): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT id, doc_count, update_seq, created_seq FROM databases WHERE name = 'cars'",
+        )
+        .fetch_one(&mut w.conn)
+        .await
+        .unwrap();
+        assert_ne!(id, old_id);
+        assert_eq!((doc_count, update_seq, created_seq), (1, 3, 2));
+        let ids: Vec<(i64, String)> = sqlx::query_as("SELECT db_id, id FROM docs")
+            .fetch_all(&mut w.conn)
+            .await
+            .unwrap();
+        assert_eq!(ids, [(id, "y".to_owned())]);
+        // The deletion is logged for replay: database set, no document.
+        let logged: Vec<(i64, String, String, bool)> =
+            sqlx::query_as("SELECT seq, database, doc_id, deleted FROM events ORDER BY seq")
+                .fetch_all(&mut w.conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            logged,
+            [
+                (1, "cars".to_owned(), "x".to_owned(), false),
+                (2, "cars".to_owned(), String::new(), true),
+                (3, "cars".to_owned(), "y".to_owned(), false)
+            ]
+        );
+    }
+}

@@ -223,3 +223,76 @@ async fn subscribers_resume_exactly_once_across_a_crash() {
     assert!(acked.iter().all(|s| *s <= head));
     server.kill().await;
 }
+
+/// When the disk fills up (here: a file-size limit), the writer can no longer
+/// commit: nothing is acknowledged, health turns NOT_SERVING and the process
+/// exits non-zero so that an orchestrator restarts it, instead of lingering
+/// while every write fails. What was acknowledged before is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_cannot_commit_stops_the_server() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("agsync.db");
+    let server = ProcessServer::start_with(
+        &db_path,
+        &["--shutdown-timeout-secs", "2"],
+        Some(2 * 1024 * 1024),
+    )
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "agsync.v1.SyncService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.expect("a status").status;
+    assert_eq!(
+        status(watch.message().await.unwrap()),
+        ServingStatus::Serving as i32
+    );
+    let mut c = connect(server.addr).await;
+    create_db(&mut c, "db").await;
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for i in 0..200 {
+        match put(
+            &mut c,
+            "db",
+            &format!("d{i}"),
+            "",
+            json!({"text": "z".repeat(50_000)}),
+        )
+        .await
+        {
+            Ok(r) => acked.push((format!("d{i}"), r.rev)),
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::Internal | Code::Unavailable),
+                    "{s:?}"
+                );
+                failed += 1;
+                if failed >= 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failed >= 3, "the file-size limit was hit");
+    assert!(!acked.is_empty());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("health changes");
+    assert_eq!(status(next.unwrap()), ServingStatus::NotServing as i32);
+    let exit = server.wait(Duration::from_secs(20)).await;
+    assert!(!exit.success(), "non-zero exit: {exit:?}");
+
+    // Everything acknowledged survived.
+    let server = ProcessServer::start(&db_path).await;
+    let mut c = connect(server.addr).await;
+    for (id, rev) in acked {
+        assert_eq!(get(&mut c, "db", &id).await.unwrap().rev, rev);
+    }
+    server.kill().await;
+}

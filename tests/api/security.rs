@@ -12,6 +12,7 @@ const ADMIN: &str = "Bearer admin-token-0123456789";
 const BOB: &str = "Bearer bob-token-0123456789";
 const RITA: &str = "Bearer rita-token-0123456789";
 const BACKEND: &str = "Bearer backend-token-0123456789";
+const WATCHER: &str = "Bearer watcher-token-0123456789";
 
 fn auth_file(dir: &std::path::Path) -> std::path::PathBuf {
     let hash = |t: &str| agsync::auth::hash_token(t.strip_prefix("Bearer ").unwrap());
@@ -39,11 +40,17 @@ read = ["cars", "c*s"]
 principal = "backend"
 hash = "{}"
 notify = ["cars.*"]
+
+[[token]]
+principal = "watcher"
+hash = "{}"
+subscribe = ["cars.key"]
 "#,
         hash(ADMIN),
         hash(BOB),
         hash(RITA),
-        hash(BACKEND)
+        hash(BACKEND),
+        hash(WATCHER)
     );
     let path = dir.join("auth.toml");
     std::fs::write(&path, text).unwrap();
@@ -552,4 +559,242 @@ async fn tls_with_a_self_signed_certificate() {
     // A plaintext client cannot talk to it.
     let mut plain = srv.client.clone();
     assert!(plain.list_databases(ListDatabasesRequest {}).await.is_err());
+}
+
+/// Every method of the service, as the descriptor lists it, refuses a call
+/// without a token: authentication happens before any handler, for methods
+/// that exist today and any added later.
+#[tokio::test]
+async fn every_method_in_the_descriptor_refuses_a_missing_token() {
+    let (srv, _dir) = secured().await;
+    let methods =
+        agsync::api::guard::methods_of(agsync::pb::FILE_DESCRIPTOR_SET, "agsync.v1.SyncService");
+    assert_eq!(methods.len(), 11, "{methods:?}");
+    for method in &methods {
+        for (authorization, needle) in [
+            (None, "no credentials"),
+            (Some("Bearer not-a-token"), "unknown token"),
+            (Some("Basic YWRtaW46YWRtaW4="), "malformed authorization"),
+        ] {
+            let mut grpc = tonic::client::Grpc::new(srv.channel().await);
+            grpc.ready().await.unwrap();
+            let path = format!("/agsync.v1.SyncService/{method}").parse().unwrap();
+            // An empty message decodes as any request type.
+            let result: Result<tonic::Response<()>, tonic::Status> = grpc
+                .unary(
+                    with_token((), authorization),
+                    path,
+                    tonic_prost::ProstCodec::<(), ()>::default(),
+                )
+                .await;
+            assert_status(result, Code::Unauthenticated, needle);
+        }
+    }
+}
+
+/// A caller without the grant is refused before its input is looked at: a
+/// bad name is PERMISSION_DENIED, not INVALID_ARGUMENT, for those without
+/// the grant.
+#[tokio::test]
+async fn grants_are_checked_before_input_is_validated() {
+    let (srv, _dir) = secured().await;
+    let mut c = srv.client.clone();
+    let bad = "Not A Name!";
+    let r = c
+        .create_database(with_token(
+            CreateDatabaseRequest {
+                name: bad.into(),
+                sync_key: String::new(),
+            },
+            Some(BOB),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "\"admin\" grant");
+    let r = c
+        .delete_database(with_token(
+            DeleteDatabaseRequest { name: bad.into() },
+            Some(RITA),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "\"admin\" grant");
+    let r = c
+        .put(with_token(
+            PutRequest {
+                database: bad.into(),
+                id: "_bad".into(),
+                ..Default::default()
+            },
+            Some(RITA),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "\"write\" grant");
+    let r = c
+        .get(with_token(
+            GetRequest {
+                database: bad.into(),
+                id: String::new(),
+            },
+            Some(BACKEND),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "\"read\" grant");
+    let r = c
+        .notify(with_token(
+            NotifyRequest {
+                sync_key: "bad key".into(),
+                ..Default::default()
+            },
+            Some(BOB),
+        ))
+        .await;
+    assert_status(r, Code::PermissionDenied, "\"notify\" grant");
+    // With the grant, the same input is judged on its merits.
+    let r = c
+        .create_database(with_token(
+            CreateDatabaseRequest {
+                name: bad.into(),
+                sync_key: String::new(),
+            },
+            Some(ADMIN),
+        ))
+        .await;
+    assert_status(r, Code::InvalidArgument, "invalid name");
+}
+
+/// A subscriber allowed to listen to a key but not to read the database
+/// learns that something changed (sync key, seq), not what.
+#[tokio::test]
+async fn subscribers_without_read_get_only_key_and_seq() {
+    let (srv, _dir) = secured().await;
+    let mut c = srv.client.clone();
+    let sub = |token| {
+        with_token(
+            SubscribeRequest {
+                sync_keys: vec!["cars.key".into()],
+                ..Default::default()
+            },
+            Some(token),
+        )
+    };
+    let mut watcher = c.subscribe(sub(WATCHER)).await.unwrap().into_inner();
+    next_subscribed(&mut watcher).await;
+    let mut bob = c.subscribe(sub(BOB)).await.unwrap().into_inner();
+    next_subscribed(&mut bob).await;
+    let written = c
+        .put(with_token(
+            PutRequest {
+                database: "cars".into(),
+                id: "secret-plan".into(),
+                body: Some(body(json!({"a": 1}))),
+                ..Default::default()
+            },
+            Some(BOB),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen_by_bob = next_notification(&mut bob).await;
+    assert_eq!(
+        (
+            seen_by_bob.database.as_str(),
+            seen_by_bob.id.as_str(),
+            seen_by_bob.rev.as_str()
+        ),
+        ("cars", "secret-plan", written.rev.as_str())
+    );
+    assert_eq!(
+        next_notification(&mut watcher).await,
+        agsync::pb::Notification {
+            sync_key: "cars.key".into(),
+            seq: written.seq,
+            ..Default::default()
+        }
+    );
+    // The same on replay.
+    let mut replay = c
+        .subscribe(with_token(
+            SubscribeRequest {
+                sync_keys: vec!["cars.key".into()],
+                since: Some(0),
+                ..Default::default()
+            },
+            Some(WATCHER),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let replayed = next_notification(&mut replay).await;
+    assert_eq!((replayed.seq, replayed.id.as_str()), (written.seq, ""));
+}
+
+/// SIGHUP reloads the auth file: a new token works at once, the streams of a
+/// removed token end with UNAUTHENTICATED, and a file that does not parse
+/// keeps the configuration in force.
+#[tokio::test]
+async fn sighup_rotates_tokens_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = auth_file(dir.path());
+    let server = ProcessServer::start_with(
+        &dir.path().join("agsync.db"),
+        &["--auth", auth.to_str().unwrap()],
+        None,
+    )
+    .await;
+    let mut c = connect(server.addr).await;
+    c.create_database(with_token(
+        CreateDatabaseRequest {
+            name: "cars".into(),
+            sync_key: "cars.key".into(),
+        },
+        Some(ADMIN),
+    ))
+    .await
+    .unwrap();
+    let mut bob_stream = c
+        .subscribe(with_token(
+            SubscribeRequest {
+                sync_keys: vec!["cars.key".into()],
+                ..Default::default()
+            },
+            Some(BOB),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    next_subscribed(&mut bob_stream).await;
+    let list = |token: &'static str| {
+        let mut c = c.clone();
+        async move {
+            c.list_databases(with_token(ListDatabasesRequest {}, Some(token)))
+                .await
+                .map(drop)
+        }
+    };
+    const CAROL: &str = "Bearer carol-token-0123456789";
+    assert_status(list(CAROL).await, Code::Unauthenticated, "unknown token");
+
+    // Bob's token is replaced by Carol's.
+    let text = std::fs::read_to_string(&auth).unwrap().replace(
+        &agsync::auth::hash_token(BOB.strip_prefix("Bearer ").unwrap()),
+        &agsync::auth::hash_token(CAROL.strip_prefix("Bearer ").unwrap()),
+    );
+    std::fs::write(&auth, text).unwrap();
+    server.signal("HUP");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), bob_stream.message())
+        .await
+        .expect("the revoked stream ends")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    list(CAROL).await.unwrap();
+    assert_status(list(BOB).await, Code::Unauthenticated, "unknown token");
+
+    // A broken file is refused; Carol keeps working.
+    std::fs::write(&auth, "this is not toml [[").unwrap();
+    server.signal("HUP");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    list(CAROL).await.unwrap();
+    list(ADMIN).await.unwrap();
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}");
 }
