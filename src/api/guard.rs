@@ -182,13 +182,39 @@ where
             if permits.0.is_none() && permits.1.is_none() {
                 return Ok(response);
             }
-            Ok(response.map(|body| {
-                Body::new(StreamBody::new(BodyStream::new(body).map(move |frame| {
-                    let _held = &permits;
-                    frame
-                })))
-            }))
+            Ok(response.map(|body| Body::new(Holding {
+                body,
+                _permits: permits,
+            })))
         })
+    }
+}
+
+/// A response body that holds the call's permits until it is sent or
+/// dropped. It forwards `is_end_stream`: a trailers-only response (an error
+/// status) must stay one, or clients see a stream without trailers.
+struct Holding {
+    body: Body,
+    _permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+}
+
+impl http_body::Body for Holding {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
