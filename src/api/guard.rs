@@ -182,10 +182,12 @@ where
             if permits.0.is_none() && permits.1.is_none() {
                 return Ok(response);
             }
-            Ok(response.map(|body| Body::new(Holding {
-                body,
-                _permits: permits,
-            })))
+            Ok(response.map(|body| {
+                Body::new(Holding {
+                    body,
+                    _permits: permits,
+                })
+            }))
         })
     }
 }

@@ -176,7 +176,9 @@ impl Store {
         let wal = WalBound {
             path: wal_path(&options.path),
             max_bytes: options.wal_max_bytes.max(1),
+            nudge: Arc::new(tokio::sync::Notify::new()),
         };
+        let nudge = wal.nudge.clone();
         let writer = Writer::new(
             write_conn,
             rx,
@@ -196,7 +198,7 @@ impl Store {
             supervise(
                 "checkpointer",
                 failed.clone(),
-                checkpointer(checkpoint_conn, closed.clone()),
+                checkpointer(checkpoint_conn, nudge, closed.clone()),
             ),
             supervise(
                 "read dispatcher",
@@ -495,12 +497,24 @@ fn wal_path(path: &std::path::Path) -> PathBuf {
 /// own connection, so the writer's own checkpoints (see `WalBound`) have
 /// little left to copy. PASSIVE never blocks the writer or readers; pages
 /// still in use by a reader are left for the next round.
-async fn checkpointer(mut conn: sqlx::SqliteConnection, closed: CancellationToken) -> Result<()> {
+/// The writer nudges it (`nudge`) after each batch while the WAL is past a
+/// quarter of its bound: it then checkpoints back to back. Under sustained
+/// writes that lets SQLite itself restart the WAL from its start whenever a
+/// checkpoint catches up between two commits, and when the writer must
+/// restart it (at half the bound) there is little left to copy, so its pause
+/// is short. (Measured: with a 50 ms gap between checkpoints the writer's
+/// pauses put update-64's p99 at 20 ms instead of 9.)
+async fn checkpointer(
+    mut conn: sqlx::SqliteConnection,
+    nudge: Arc<tokio::sync::Notify>,
+    closed: CancellationToken,
+) -> Result<()> {
     const EVERY: Duration = Duration::from_secs(1);
     loop {
         tokio::select! {
             () = closed.cancelled() => break,
             () = tokio::time::sleep(EVERY) => {}
+            () = nudge.notified() => {}
         }
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&mut conn)

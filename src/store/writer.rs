@@ -116,6 +116,8 @@ pub(super) struct Retention {
 pub(super) struct WalBound {
     pub path: PathBuf,
     pub max_bytes: u64,
+    /// Wakes the PASSIVE checkpointer (see `store::checkpointer`).
+    pub nudge: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl WalBound {
@@ -281,8 +283,11 @@ impl Writer {
             }
             if self.commit_batch(ops).await {
                 failed_in_a_row = 0;
-                if self.wal.len() > self.wal.max_bytes / 2 {
+                let wal = self.wal.len();
+                if wal > self.wal.max_bytes / 2 {
                     self.truncate_wal().await;
+                } else if wal > self.wal.max_bytes / 4 {
+                    self.wal.nudge.notify_one();
                 }
             } else {
                 failed_in_a_row += 1;
@@ -986,6 +991,7 @@ mod tests {
         let wal = WalBound {
             path: path.with_extension("db-wal"),
             max_bytes: 1 << 26,
+            nudge: Arc::default(),
         };
         Writer::new(conn, rx, 0, 100, retention, wal, Arc::new(|_| {}))
             .await
