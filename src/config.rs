@@ -139,9 +139,9 @@ pub struct Config {
     pub max_in_flight: usize,
 
     /// Most bytes of large request messages (over 64 KiB each) being received
-    /// and served at once across the server; further large requests wait
-    /// for room before their message is read. Small requests are bounded by
-    /// `--max-in-flight` alone.
+    /// and served at once across the server; a large request past it fails
+    /// at once with UNAVAILABLE (retryable) before its message is read.
+    /// Small requests are bounded by `--max-in-flight` alone.
     #[arg(long, default_value_t = 64 * MIB)]
     pub max_large_request_bytes: usize,
 

@@ -2,8 +2,8 @@
 //! it authenticates the caller (the `Principal` goes into the request's
 //! extensions, where handlers find it), refuses a method that has no access
 //! rule, and admits the call under the server's budgets: calls in flight
-//! (past the cap: UNAVAILABLE at once) and bytes of large request messages
-//! (waiting for room before the message is read). Must not: run for health
+//! and bytes of large request messages (past either: UNAVAILABLE at once,
+//! before the message is read). Must not: run for health
 //! or reflection (they stay open and SERVING under load), or let a call
 //! through that it did not authenticate.
 
@@ -221,8 +221,8 @@ impl http_body::Body for Holding {
 }
 
 /// Reads the 5-byte gRPC message header; a message over `LARGE_MESSAGE`
-/// waits for its size in `large` permits before the rest is read. Returns
-/// the body with what was read put back in front.
+/// takes its size in `large` permits before the rest is read, or is refused.
+/// Returns the body with what was read put back in front.
 async fn admit_message(
     mut body: Body,
     large: Arc<Semaphore>,
@@ -251,12 +251,20 @@ async fn admit_message(
         _ => 0,
     };
     let permit = if length > LARGE_MESSAGE {
-        // A message bigger than the whole budget waits for all of it.
+        // Refused, not queued: a request waiting here would keep its unread
+        // bytes in the connection's HTTP/2 window, and enough of them would
+        // stall the admitted requests on the same connection for ever. A
+        // message bigger than the whole budget needs all of it.
         let wanted = usize::try_from(length).unwrap_or(usize::MAX).min(budget);
         let permit = large
-            .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+            .try_acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
+            .map_err(|_| {
+                Error::Busy(format!(
+                    "the server is already receiving its limit of large requests (--max-large-request-bytes, {} MiB); this one is {} KiB",
+                    budget / (1024 * 1024),
+                    length / 1024
+                ))
+            })?;
         Some(permit)
     } else {
         None

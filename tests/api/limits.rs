@@ -209,3 +209,67 @@ async fn the_wal_stays_under_its_bound_and_is_truncated_when_idle() {
     .await
     .expect("the WAL is truncated once writes pause");
 }
+
+/// Requests over 64 KiB pass the large-message budget: of several 15 MiB
+/// BulkPuts at once on one connection, more than the budget holds, those
+/// that do not fit are refused at once with UNAVAILABLE (never left waiting
+/// with their bytes in the connection's window, which would stall the
+/// admitted ones), and all succeed when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_past_the_budget_are_refused_and_succeed_on_retry() {
+    let srv = TestServer::start_with(|c| c.max_large_request_bytes = 32 * 1024 * 1024).await;
+    let mut c = srv.client.clone();
+    create_db(&mut c, "bulk").await;
+    let text = "b".repeat(100 * 1024);
+    let calls = (0..6).map(|k| {
+        let mut c = c.clone();
+        let text = text.clone();
+        async move {
+            let mut refused = 0;
+            loop {
+                let docs = (0..150)
+                    .map(|i| BulkPutItem {
+                        id: format!("k{k}-{i}"),
+                        body: Some(body(json!({"text": text}))),
+                        ..Default::default()
+                    })
+                    .collect();
+                match c
+                    .bulk_put(BulkPutRequest {
+                        database: "bulk".into(),
+                        docs,
+                    })
+                    .await
+                {
+                    Ok(r) => return (r.into_inner().results.len(), refused),
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                        assert!(
+                            s.message().contains("--max-large-request-bytes"),
+                            "{}",
+                            s.message()
+                        );
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(calls))
+        .await
+        .expect("large BulkPuts complete");
+    for (written, _) in &results {
+        assert_eq!(*written, 150);
+    }
+    let page = c
+        .changes(ChangesRequest {
+            database: "bulk".into(),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.changes.len(), 900);
+}
