@@ -115,9 +115,10 @@ pub struct Config {
     #[arg(long, default_value_t = 4096)]
     pub writer_queue: usize,
 
-    /// Bytes of write requests (document bodies, roughly) queued for the
-    /// writer before callers wait for room; one request bigger than this
-    /// waits until the queue is empty.
+    /// Bytes of large write requests (over 64 KiB of document bodies,
+    /// roughly) queued for the writer before callers wait for room; one
+    /// request bigger than this waits until the queue is empty. Small writes
+    /// never wait behind large ones: `--max-in-flight` bounds them.
     #[arg(long, default_value_t = 64 * MIB)]
     pub writer_queue_bytes: usize,
 

@@ -11,8 +11,10 @@
 //! - [`hub`]: fan-out of committed events to live subscribers, and each
 //!   subscriber's replay and catch-up from the durable log.
 //! - [`api`]: the gRPC service; the only code that sees tonic/prost, and the
-//!   one place an [`Error`] becomes a `tonic::Status`.
-//! - [`auth`]: bearer tokens (hashed in the `--auth` file) and grants.
+//!   one place an [`Error`] becomes a `tonic::Status`. Its `guard` is the
+//!   gate every call passes first: authentication, access rules, budgets.
+//! - [`auth`]: bearer tokens (hashed in the `--auth` file), grants, and
+//!   the live configuration that `SIGHUP` reloads.
 //! - [`server`]: wiring, health, reflection, keepalive and shutdown.
 //! - [`pb`]: code generated from `proto/agsync/v1/sync.proto`.
 

@@ -264,7 +264,13 @@ impl Store {
 
     /// Queues `op` for the writer, once its bytes fit in the writer queue's
     /// byte budget, and waits for the outcome.
+    ///
+    /// Only large ops (over `SMALL_OP` bytes) take from the byte budget: the
+    /// budget is first come, first served, and a small Put must not wait
+    /// behind a 16 MiB BulkPut for room it barely needs. Small ops are bounded
+    /// by the calls in flight (`--max-in-flight`) and `--writer-queue`.
     async fn run(&self, op: Op) -> Result<Outcome> {
+        const SMALL_OP: usize = 64 * 1024;
         let shutting_down = || {
             if self.failed.is_cancelled() {
                 Error::Unavailable("the server cannot write any more and is stopping".into())
@@ -272,14 +278,20 @@ impl Store {
                 Error::Unavailable("the server is shutting down".into())
             }
         };
-        // A request bigger than the whole budget waits for all of it.
-        let bytes = op.approx_bytes().clamp(1, self.writer_queue_bytes);
-        let permit = self
-            .writer_bytes
-            .clone()
-            .acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| shutting_down())?;
+        let bytes = op.approx_bytes();
+        let permit = if bytes > SMALL_OP {
+            // A request bigger than the whole budget waits for all of it.
+            let wanted = bytes.min(self.writer_queue_bytes);
+            let permit = self
+                .writer_bytes
+                .clone()
+                .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
+                .await
+                .map_err(|_| shutting_down())?;
+            Some(permit)
+        } else {
+            None
+        };
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Command::Run { op, reply, permit })

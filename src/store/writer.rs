@@ -89,9 +89,9 @@ pub(super) enum Command {
     Run {
         op: Op,
         reply: oneshot::Sender<Result<Outcome>>,
-        /// The op's share of the writer queue's byte budget, given back once
-        /// it is answered.
-        permit: OwnedSemaphorePermit,
+        /// The op's share of the writer queue's byte budget (large ops only),
+        /// given back once it is answered.
+        permit: Option<OwnedSemaphorePermit>,
     },
     /// Commit what is queued, checkpoint, close, then answer.
     Shutdown { reply: oneshot::Sender<()> },
@@ -345,10 +345,15 @@ impl Writer {
     /// Checkpoints on the writer's own connection, between batches: copies
     /// the WAL back into the database and empties the file (TRUNCATE).
     async fn truncate_wal(&mut self) {
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+        let started = std::time::Instant::now();
+        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&mut self.conn)
-            .await
-        {
+            .await;
+        let took = started.elapsed();
+        if took > Duration::from_millis(200) {
+            tracing::warn!(?took, "restarting the WAL paused the writer");
+        }
+        match result {
             // busy = 0: the whole WAL was copied back and reset.
             Ok((0, _, _)) => self.wal_dirty = false,
             Ok(_) => tracing::debug!("WAL checkpoint could not finish (readers); retrying later"),
@@ -357,7 +362,7 @@ impl Writer {
     }
 
     /// Commits one batch and answers its requests; false if it failed.
-    async fn commit_batch(&mut self, ops: Vec<(Op, Reply, OwnedSemaphorePermit)>) -> bool {
+    async fn commit_batch(&mut self, ops: Vec<(Op, Reply, Option<OwnedSemaphorePermit>)>) -> bool {
         let before = (self.last_seq, self.last_db_id, self.retention);
         let mut replies = Vec::with_capacity(ops.len());
         let mut permits = Vec::with_capacity(ops.len());
@@ -371,7 +376,17 @@ impl Writer {
             .collect();
         let mut events = Vec::new();
         self.wal_dirty = true;
-        match self.run_batch(ops, &mut events).await {
+        let started = std::time::Instant::now();
+        let outcome = self.run_batch(ops, &mut events).await;
+        let took = started.elapsed();
+        if took > Duration::from_millis(500) {
+            tracing::warn!(
+                ?took,
+                requests = replies.len(),
+                "a batch took long to commit"
+            );
+        }
+        match outcome {
             Ok(results) => {
                 if !events.is_empty() {
                     (self.publish)(&events);
@@ -1005,7 +1020,7 @@ mod tests {
         let mut queued = Vec::new();
         for op in ops {
             let (reply, rx) = oneshot::channel();
-            let permit = budget.clone().try_acquire_owned().unwrap();
+            let permit = budget.clone().try_acquire_owned().ok();
             queued.push((op, reply, permit));
             waiting.push(rx);
         }
