@@ -423,6 +423,41 @@ subscribe = ["org.example.*"]
     }
 
     #[test]
+    fn reload_swaps_tokens_and_revokes_removed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.toml");
+        let entry = |principal: &str, token: &str| {
+            format!(
+                "[[token]]\nprincipal = \"{principal}\"\nhash = \"{}\"\nread = [\"*\"]\n",
+                hash_token(token)
+            )
+        };
+        std::fs::write(&path, entry("ann", "t-ann")).unwrap();
+        let auth = Authenticator::new(Auth::load(&path).unwrap(), Some(path.clone()));
+        let changes = auth.changes();
+        let ann = auth.authenticate(Some(b"Bearer t-ann")).unwrap();
+        assert!(auth.recheck(&ann).is_ok());
+
+        std::fs::write(&path, entry("ben", "t-ben")).unwrap();
+        auth.reload().unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert!(matches!(auth.recheck(&ann), Err(Error::Revoked(_))));
+        assert!(auth.authenticate(Some(b"Bearer t-ann")).is_err());
+        assert!(auth.authenticate(Some(b"Bearer t-ben")).is_ok());
+
+        // A file that does not load changes nothing.
+        std::fs::write(&path, "not toml [[").unwrap();
+        assert!(auth.reload().is_err());
+        assert!(auth.authenticate(Some(b"Bearer t-ben")).is_ok());
+
+        // The open mode has nothing to reload; its principal stays.
+        let open = Authenticator::new(Auth::open(), None);
+        let anyone = open.authenticate(None).unwrap();
+        open.reload().unwrap();
+        assert!(open.recheck(&anyone).is_ok());
+    }
+
+    #[test]
     fn bad_files_are_refused() {
         assert!(load("").is_err());
         assert!(load("[[token]]\nprincipal = \"a\"\nhash = \"md5:00\"\n").is_err());

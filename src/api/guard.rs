@@ -98,26 +98,19 @@ impl<S> Guard<S> {
     /// Authenticates and applies the method's rule; returns whether the call
     /// is a stream (exempt from the in-flight cap).
     fn admit<B>(&self, request: &mut Request<B>) -> Result<bool> {
-        let method = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let method = method.as_str();
-        let known = self.methods.iter().any(|m| m == method);
         let principal = self
             .auth
             .authenticate(request.headers().get("authorization").map(|v| v.as_bytes()))?;
-        request.extensions_mut().insert(principal);
-        match access(method) {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let verdict = match access(method) {
             Some(rule) => Ok(rule == Access::Subscribe),
-            None if known => Err(Error::PermissionDenied(format!(
-                "method {method} has no access rule on this server, so nobody may call it"
-            ))),
+            None if self.methods.iter().any(|m| m == method) => Err(Error::PermissionDenied(
+                format!("method {method} has no access rule on this server, so nobody may call it"),
+            )),
             None => Ok(false), // not a method of the service: UNIMPLEMENTED
-        }
+        };
+        request.extensions_mut().insert(principal);
+        verdict
     }
 }
 
