@@ -52,6 +52,8 @@ pub async fn run(
     let store = Arc::new(Store::open(config.store_options(), publisher).await?);
     hub.advance_to(store.last_seq().await?);
     let stop = CancellationToken::new();
+    // An early return below still stops the tasks spawned before it.
+    let _stop_on_return = stop.clone().drop_guard();
     let service = Service::new(store.clone(), auth.clone(), hub, stop.clone(), &config);
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
@@ -63,6 +65,7 @@ pub async fn run(
         Budgets {
             in_flight: config.max_in_flight,
             large_request_bytes: config.max_large_request_bytes,
+            max_request_bytes: config.max_request_bytes,
         },
     );
 
@@ -79,6 +82,7 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1().map_err(startup_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(startup_error)?;
 
+    let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
     tracing::info!(
         address = %local_addr,
         db = %config.db.display(),
@@ -107,7 +111,6 @@ pub async fn run(
             stop.cancel();
         })
     };
-    let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
 
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -163,36 +166,47 @@ pub async fn run(
 const SYNC_SERVICE: &str = "agsync.v1.SyncService";
 
 /// Reloads the `--auth` file on every SIGHUP until `stop`; a file that does
-/// not load keeps the previous configuration.
-async fn reload_auth_on_sighup(auth: Arc<Authenticator>, stop: CancellationToken) {
+/// not load keeps the previous configuration. The signal handler is
+/// installed when this is called, not when the future first runs: a SIGHUP
+/// sent once the server is listening must never kill the process.
+fn reload_auth_on_sighup(
+    auth: Arc<Authenticator>,
+    stop: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let hangups = {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
+        signal(SignalKind::hangup())
+            .inspect_err(|e| {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP: the auth file will not be reloaded");
+            })
+            .ok()
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let Some(mut hangups) = hangups else {
                 return;
-            }
-        };
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                received = hangups.recv() => if received.is_none() { return },
-            }
-            match auth.reload() {
-                Ok(()) => tracing::info!("SIGHUP: auth configuration reloaded"),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "SIGHUP: the auth file did not load; keeping the previous configuration"
-                ),
+            };
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    received = hangups.recv() => if received.is_none() { return },
+                }
+                match auth.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: auth configuration reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: the auth file did not load; keeping the previous configuration"
+                    ),
+                }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = auth;
-        stop.cancelled().await;
+        #[cfg(not(unix))]
+        {
+            let _ = auth;
+            stop.cancelled().await;
+        }
     }
 }
 

@@ -65,6 +65,9 @@ pub struct Budgets {
     pub in_flight: usize,
     /// Bytes of large request messages received and served at once.
     pub large_request_bytes: usize,
+    /// The largest request message decoded at all (`--max-request-bytes`);
+    /// a bigger one takes no budget: tonic refuses it unread.
+    pub max_request_bytes: usize,
 }
 
 /// Wraps the generated `SyncServiceServer`.
@@ -79,6 +82,7 @@ pub struct Guard<S> {
     max_in_flight: usize,
     large: Arc<Semaphore>,
     large_budget: usize,
+    max_request: usize,
 }
 
 impl<S> Guard<S> {
@@ -92,6 +96,7 @@ impl<S> Guard<S> {
             max_in_flight: budgets.in_flight.max(1),
             large: Arc::new(Semaphore::new(large_budget)),
             large_budget,
+            max_request: budgets.max_request_bytes,
         }
     }
 
@@ -161,14 +166,21 @@ where
             }
         };
         let large = self.large.clone();
-        let large_budget = self.large_budget;
+        let (large_budget, max_request) = (self.large_budget, self.max_request);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let (body, bytes_permit) = match admit_message(body, large, large_budget).await {
+            let admitted = admit_message(body, large, large_budget, max_request).await;
+            let (body, mut bytes_permit) = match admitted {
                 Ok(admitted) => admitted,
                 Err(e) => return Ok(Status::from(e).into_http()),
             };
             let response = inner.call(Request::from_parts(parts, body)).await?;
+            if is_stream {
+                // A stream's request is decoded once the handler has
+                // answered; its bytes must not stay counted for the
+                // stream's lifetime.
+                bytes_permit = None;
+            }
             // The permits are held until the response is sent, not just
             // computed: an encoded response holds memory too.
             let permits = (call_permit, bytes_permit);
@@ -215,11 +227,13 @@ impl http_body::Body for Holding {
 
 /// Reads the 5-byte gRPC message header; a message over `LARGE_MESSAGE`
 /// takes its size in `large` permits before the rest is read, or is refused.
+/// A message over `max_request` takes nothing: tonic refuses it unread.
 /// Returns the body with what was read put back in front.
 async fn admit_message(
     mut body: Body,
     large: Arc<Semaphore>,
     budget: usize,
+    max_request: usize,
 ) -> Result<(Body, Option<OwnedSemaphorePermit>)> {
     let mut read = Vec::new();
     let mut head = Vec::with_capacity(5);
@@ -243,7 +257,8 @@ async fn admit_message(
         [_, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
         _ => 0,
     };
-    let permit = if length > LARGE_MESSAGE {
+    let decodable = usize::try_from(length).is_ok_and(|l| l <= max_request);
+    let permit = if length > LARGE_MESSAGE && decodable {
         // Refused, not queued: a request waiting here would keep its unread
         // bytes in the connection's HTTP/2 window, and enough of them would
         // stall the admitted requests on the same connection for ever. A

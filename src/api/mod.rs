@@ -74,9 +74,9 @@ impl Service {
         }
     }
 
-    /// The sync keys of a Subscribe: at least one, at most the limit, sorted
-    /// and without duplicates.
-    fn subscribe_keys(&self, keys: &[String]) -> Result<Vec<SyncKey>> {
+    /// A Subscribe names at least one sync key and at most the limit
+    /// (checked before the grants, so a huge list costs nothing).
+    fn subscribe_key_count(&self, keys: &[String]) -> Result<()> {
         if keys.is_empty() {
             return Err(Error::invalid(
                 "sync_keys",
@@ -93,6 +93,11 @@ impl Service {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The sync keys of a Subscribe, sorted and without duplicates.
+    fn subscribe_keys(&self, keys: &[String]) -> Result<Vec<SyncKey>> {
         let mut parsed = keys
             .iter()
             .enumerate()
@@ -153,6 +158,15 @@ impl Listener {
                 // `self.auth` keeps the sender alive: this never fails.
                 Ok(()) = self.auth_changes.changed() => {
                     let caller = self.auth.recheck(&self.caller)?;
+                    if caller.limit_key() != self.caller.limit_key() {
+                        // The stream listens, and is counted, as the old
+                        // principal: it cannot change identity mid-stream.
+                        return Err(Error::Revoked(format!(
+                            "your token now belongs to principal {:?}, not {:?}; subscribe again",
+                            caller.limit_key(),
+                            self.caller.limit_key()
+                        )));
+                    }
                     for key in self.subscription.keys() {
                         caller.require_subscribe(key.as_str())?;
                     }
@@ -465,8 +479,13 @@ impl SyncService for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        // Watched from before the grants are checked below: a reload after
+        // the gate authenticated the caller is re-checked at the first poll.
+        let mut auth_changes = self.auth.changes();
+        auth_changes.mark_changed();
         let caller = caller(&request)?;
         let req = request.into_inner();
+        self.subscribe_key_count(&req.sync_keys)?;
         for key in &req.sync_keys {
             caller.require_subscribe(key)?;
         }
@@ -492,7 +511,7 @@ impl SyncService for Service {
         )
         .await?;
         let state = Listener {
-            auth_changes: self.auth.changes(),
+            auth_changes,
             auth: self.auth.clone(),
             caller,
             subscription,

@@ -86,12 +86,16 @@ pub struct ChangesPage {
     pub created_seq: u64,
 }
 
+/// Rows a read connection computes ahead of the task consuming them.
+const READ_ROW_BUFFER: usize = 16;
+
 /// The store: cheap to share behind an `Arc`.
 pub struct Store {
     reader: SqlitePool,
     /// Scans (Changes, event replay, ListDatabases) hold one of these while
     /// they use a read connection: at most `read_connections - 1` at once
-    /// (at least 1), so point reads always find a connection soon.
+    /// (at least 1), so point reads are not queued behind scans (they still
+    /// wait for `--read-timeout-secs` at most when every connection is busy).
     scans: Semaphore,
     /// Point reads, coalesced by `reader::dispatch`.
     gets: mpsc::Sender<reader::GetRequest>,
@@ -148,8 +152,10 @@ impl Store {
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
 
-        // The writer never checkpoints: the checkpointer task does, off the
-        // write path (see `checkpointer`).
+        // No automatic checkpoints inside commits: the checkpointer task
+        // copies the WAL back off the write path, and the writer restarts the
+        // WAL itself between batches only when it passes its bound (see
+        // `writer::WalBound`).
         let mut write_conn = base
             .clone()
             .create_if_missing(true)
@@ -165,7 +171,13 @@ impl Store {
             .max_connections(options.read_connections.max(1))
             .min_connections(1)
             .acquire_timeout(options.read_acquire_timeout)
-            .connect_with(base.clone().read_only(true))
+            .connect_with(
+                // A scan's rows wait in this buffer while the handler
+                // encodes: 16 rows of up to a document each, not sqlx's 50.
+                base.clone()
+                    .read_only(true)
+                    .row_buffer_size(READ_ROW_BUFFER),
+            )
             .await?;
 
         let (tx, rx) = mpsc::channel(options.writer_queue.max(1));

@@ -61,11 +61,16 @@ impl Op {
                         DocChange::Put(body) => body.canonical_json().len(),
                         DocChange::Delete => 0,
                     };
-                    FIXED + w.id.as_str().len() + body
+                    FIXED + w.id.as_str().len() + body + aliases_len(&w.aliases)
                 })
                 .sum(),
-            Op::Notify { attributes, .. } => {
+            Op::Notify {
+                attributes,
+                aliases,
+                ..
+            } => {
                 FIXED
+                    + aliases_len(aliases)
                     + attributes
                         .iter()
                         .map(|(k, v)| k.len() + v.len())
@@ -74,6 +79,10 @@ impl Op {
             Op::CreateDatabase { .. } | Op::DeleteDatabase { .. } => FIXED,
         }
     }
+}
+
+fn aliases_len(aliases: &[Alias]) -> usize {
+    aliases.iter().map(|a| a.as_str().len() + 8).sum()
 }
 
 /// What an `Op` produced.
@@ -158,6 +167,8 @@ pub(super) struct Writer {
     wal: WalBound,
     /// Something was committed since the WAL was last truncated.
     wal_dirty: bool,
+    /// When the writer last warned that the WAL is over its bound.
+    over_bound_warned: Option<std::time::Instant>,
     publish: Publisher,
     /// Every database, by name: only the writer creates and deletes them.
     databases: HashMap<DbName, DbRow>,
@@ -230,6 +241,7 @@ impl Writer {
             retention,
             wal,
             wal_dirty: true,
+            over_bound_warned: None,
             publish,
             databases,
         })
@@ -353,10 +365,26 @@ impl Writer {
         if took > Duration::from_millis(200) {
             tracing::warn!(?took, "restarting the WAL paused the writer");
         }
+        if !matches!(result, Ok((0, _, _))) && self.wal.len() > self.wal.max_bytes {
+            let now = std::time::Instant::now();
+            if self
+                .over_bound_warned
+                .is_none_or(|at| now.duration_since(at) > Duration::from_secs(10))
+            {
+                self.over_bound_warned = Some(now);
+                tracing::warn!(
+                    wal_bytes = self.wal.len(),
+                    max_bytes = self.wal.max_bytes,
+                    "the WAL is over --wal-max-bytes and could not be restarted: a long read holds an old snapshot"
+                );
+            }
+        }
         match result {
             // busy = 0: the whole WAL was copied back and reset.
             Ok((0, _, _)) => self.wal_dirty = false,
-            Ok(_) => tracing::debug!("WAL checkpoint could not finish (readers); retrying later"),
+            Ok(_) => tracing::debug!(
+                "WAL checkpoint could not finish (a reader or the checkpointer holds an older snapshot); retrying later"
+            ),
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying later"),
         }
     }

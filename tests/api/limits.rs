@@ -2,6 +2,8 @@
 //! the WAL.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agsync::pb::{BulkPutItem, BulkPutRequest, ChangesRequest, ListDatabasesRequest};
@@ -178,27 +180,49 @@ async fn calls_past_the_in_flight_cap_are_unavailable() {
 
 /// Under sustained writes the WAL stays under `--wal-max-bytes`, and it is
 /// truncated once writes pause.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_under_its_bound_and_is_truncated_when_idle() {
     const BOUND: u64 = 1024 * 1024;
     let srv = TestServer::start_with(|c| c.wal_max_bytes = BOUND).await;
     let wal = srv.db_path().with_extension("db-wal");
-    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let wal_len = {
+        let wal = wal.clone();
+        move || std::fs::metadata(&wal).map_or(0, |m| m.len())
+    };
     let mut c = srv.client.clone();
     create_db(&mut c, "db").await;
-    let mut largest = 0;
-    for i in 0..200 {
-        put(
-            &mut c,
-            "db",
-            &format!("d{i}"),
-            "",
-            json!({"text": "y".repeat(50_000)}),
-        )
-        .await
-        .unwrap();
-        largest = largest.max(wal_len());
-    }
+    // A task samples the WAL while four clients write at once.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (done, wal_len) = (done.clone(), wal_len.clone());
+        async move {
+            let mut largest = 0;
+            while !done.load(Ordering::Relaxed) {
+                largest = largest.max(wal_len());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            largest
+        }
+    });
+    let writers = (0..4).map(|w| {
+        let mut c = c.clone();
+        async move {
+            for i in 0..50 {
+                put(
+                    &mut c,
+                    "db",
+                    &format!("w{w}-d{i}"),
+                    "",
+                    json!({"text": "y".repeat(50_000)}),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    done.store(true, Ordering::Relaxed);
+    let largest = sampler.await.unwrap();
     // 10 MB were written through a WAL bounded to 1 MiB.
     assert!(largest > 0 && largest <= BOUND, "largest WAL {largest}");
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -262,6 +286,9 @@ async fn large_requests_past_the_budget_are_refused_and_succeed_on_retry() {
     for (written, _) in &results {
         assert_eq!(*written, 150);
     }
+    // Six 15 MiB requests at once against a 32 MiB budget: some waited
+    // their turn by being refused.
+    assert!(results.iter().map(|(_, refused)| refused).sum::<usize>() > 0);
     let page = c
         .changes(ChangesRequest {
             database: "bulk".into(),

@@ -762,6 +762,18 @@ async fn sighup_rotates_tokens_without_a_restart() {
         .unwrap()
         .into_inner();
     next_subscribed(&mut bob_stream).await;
+    let mut watcher_stream = c
+        .subscribe(with_token(
+            SubscribeRequest {
+                sync_keys: vec!["cars.key".into()],
+                ..Default::default()
+            },
+            Some(WATCHER),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    next_subscribed(&mut watcher_stream).await;
     let list = |token: &'static str| {
         let mut c = c.clone();
         async move {
@@ -773,11 +785,15 @@ async fn sighup_rotates_tokens_without_a_restart() {
     const CAROL: &str = "Bearer carol-token-0123456789";
     assert_status(list(CAROL).await, Code::Unauthenticated, "unknown token");
 
-    // Bob's token is replaced by Carol's.
-    let text = std::fs::read_to_string(&auth).unwrap().replace(
-        &agsync::auth::hash_token(BOB.strip_prefix("Bearer ").unwrap()),
-        &agsync::auth::hash_token(CAROL.strip_prefix("Bearer ").unwrap()),
-    );
+    // Bob's token is replaced by Carol's; the watcher's token now names
+    // another principal.
+    let text = std::fs::read_to_string(&auth)
+        .unwrap()
+        .replace(
+            &agsync::auth::hash_token(BOB.strip_prefix("Bearer ").unwrap()),
+            &agsync::auth::hash_token(CAROL.strip_prefix("Bearer ").unwrap()),
+        )
+        .replace(r#"principal = "watcher""#, r#"principal = "eve""#);
     std::fs::write(&auth, text).unwrap();
     server.signal("HUP");
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), bob_stream.message())
@@ -786,6 +802,18 @@ async fn sighup_rotates_tokens_without_a_restart() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     assert!(status.message().contains("revoked"), "{}", status.message());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), watcher_stream.message())
+        .await
+        .expect("the renamed principal's stream ends")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains(r#"now belongs to principal "eve", not "watcher""#),
+        "{}",
+        status.message()
+    );
     list(CAROL).await.unwrap();
     assert_status(list(BOB).await, Code::Unauthenticated, "unknown token");
 
