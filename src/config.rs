@@ -56,9 +56,24 @@ pub struct Config {
     #[arg(long, env = "AGSYNC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// The SQLite database file; created if missing.
+    /// Where the data lives. A path (or `sqlite:PATH`): a SQLite file,
+    /// created if missing; one process serves it. A `postgres://` (or
+    /// `postgresql://`) URL: a PostgreSQL database, which several agsync
+    /// nodes may share (see the README's "Run several nodes").
     #[arg(long, env = "AGSYNC_DB", default_value = "./agsync.db")]
     pub db: PathBuf,
+
+    /// PostgreSQL only: connections each node opens for reads and its
+    /// writer (plus one for the notification listener).
+    #[arg(long, default_value_t = 8)]
+    pub pg_pool_size: u32,
+
+    /// PostgreSQL only: how often a node reads the event log for other
+    /// nodes' writes when no wake-up hint (LISTEN/NOTIFY) arrived, in
+    /// milliseconds. Hints make delivery prompt; this bounds the delay when
+    /// one is lost.
+    #[arg(long, value_parser = parse_millis, default_value = "500")]
+    pub pg_poll_interval_ms: Duration,
 
     /// `full`: every acknowledged write is fsynced and survives power loss.
     /// `normal`: survives a crash of the process, but the last writes may be
@@ -224,7 +239,32 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a whole number of seconds"))
 }
 
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{s:?} is not a whole number of milliseconds"))
+}
+
 impl Config {
+    /// Where the data lives, for logs: a PostgreSQL URL without its
+    /// password.
+    pub fn db_for_logs(&self) -> String {
+        match crate::store::Location::parse(&self.db) {
+            crate::store::Location::Sqlite(path) => path.display().to_string(),
+            crate::store::Location::Postgres(url) => match url.split_once('@') {
+                Some((credentials, rest)) => {
+                    let scheme_end = credentials.find("://").map_or(0, |i| i + 3);
+                    let user = credentials[scheme_end..]
+                        .split(':')
+                        .next()
+                        .unwrap_or_default();
+                    format!("{}{user}@{rest}", &credentials[..scheme_end])
+                }
+                None => url,
+            },
+        }
+    }
+
     /// The defaults, for `path` and an ephemeral loopback port (tests, examples).
     pub fn for_path(path: impl Into<PathBuf>) -> Config {
         let mut config = <Cli as clap::Parser>::parse_from(["agsync"]).config;
@@ -254,7 +294,7 @@ impl Config {
 
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
-            path: self.db.clone(),
+            location: crate::store::Location::parse(&self.db),
             durability: match self.durability {
                 Durability::Full => crate::store::Durability::Full,
                 Durability::Normal => crate::store::Durability::Normal,
@@ -266,6 +306,8 @@ impl Config {
             writer_queue_bytes: self.writer_queue_bytes,
             wal_max_bytes: self.wal_max_bytes,
             read_acquire_timeout: self.read_timeout_secs,
+            pg_pool_size: self.pg_pool_size,
+            pg_poll_interval: self.pg_poll_interval_ms,
         }
     }
 }

@@ -85,7 +85,7 @@ pub async fn run(
     let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
     tracing::info!(
         address = %local_addr,
-        db = %config.db.display(),
+        db = %config.db_for_logs(),
         durability = ?config.durability,
         tls = tls.is_some(),
         auth = config.auth.is_some(),
@@ -97,15 +97,32 @@ pub async fn run(
     // longer serve; health turns NOT_SERVING first either way.
     let watcher = {
         let (stop, store, health) = (stop.clone(), store.clone(), health_reporter.clone());
+        let mut reachable = store.reachable();
         tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown => {
-                    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => {
+                        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+                        break;
+                    }
+                    () = store.failed() => {
+                        tracing::error!("the store can no longer serve; shutting down so the process can be restarted");
+                        break;
+                    }
+                    () = stop.cancelled() => break,
+                    // The database went away or came back (PostgreSQL): a
+                    // load balancer should send calls elsewhere meanwhile.
+                    Ok(()) = reachable.changed() => {
+                        if *reachable.borrow_and_update() {
+                            tracing::info!("the database is reachable again: SERVING");
+                            health.set_serving::<SyncServiceServer<Service>>().await;
+                        } else {
+                            tracing::warn!("the database is unreachable: NOT_SERVING until it is back");
+                            health.set_not_serving::<SyncServiceServer<Service>>().await;
+                        }
+                    }
                 }
-                () = store.failed() => {
-                    tracing::error!("the store can no longer serve; shutting down so the process can be restarted");
-                }
-                () = stop.cancelled() => {}
             }
             health.set_not_serving::<SyncServiceServer<Service>>().await;
             stop.cancel();

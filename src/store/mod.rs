@@ -1,36 +1,33 @@
-//! Durable storage on SQLite: a pool of read-only connections for reads and
-//! one writer task (see `writer`) that owns the only write connection. All SQL
-//! lives in this module; no sqlx type leaves it. Another sqlx backend
-//! (PostgreSQL) would replace this module behind the same `Store` methods.
+//! Durable storage behind one interface, on one of two backends chosen by
+//! `--db`: SQLite (a path or `sqlite:` URL, the embedded default) or
+//! PostgreSQL (a `postgres://` URL, shared by several nodes). Writes go
+//! through one writer task per process, which batches queued requests into
+//! one transaction (`batch`); reads go to the backend's pool. No sqlx type
+//! leaves this module, and nothing above it knows which backend it talks to.
 
-mod reader;
-mod writer;
-
-use std::path::PathBuf;
-use std::str::FromStr;
-use std::time::Duration;
-
-use futures_util::TryStreamExt;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Row};
-use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+mod batch;
+mod postgres;
+mod sqlite;
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
-    Alias, Body, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Result,
-    Rev, SyncKey, WriteOutcome,
+    Alias, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Result, Rev,
+    SyncKey, WriteOutcome,
 };
-use writer::{Command, Op, Outcome, Retention, WalBound, Writer};
+use batch::{Command, Op, Outcome};
 
-/// Called by the writer with the events of each committed batch, in seq
-/// order, before the writes are acknowledged. Must not block.
+/// Called with the events of each committed batch, in seq order, before
+/// the writes are acknowledged. Must not block.
 pub type Publisher = Arc<dyn Fn(&[Event]) + Send + Sync>;
 
 /// A page of the event log, read in one snapshot.
@@ -54,13 +51,39 @@ pub enum Durability {
     Normal,
 }
 
+/// Where the data lives, from `--db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file (created if missing).
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://` or `postgresql://`).
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://…` and `postgresql://…` are PostgreSQL; `sqlite:PATH`,
+    /// `sqlite://PATH` and anything else is a SQLite file.
+    pub fn parse(db: &std::path::Path) -> Location {
+        let text = db.to_string_lossy();
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Location::Postgres(text.into_owned());
+        }
+        match text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+        {
+            Some(path) => Location::Sqlite(PathBuf::from(path)),
+            None => Location::Sqlite(db.to_path_buf()),
+        }
+    }
+}
+
 /// How the store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// The SQLite file; created if missing.
-    pub path: PathBuf,
+    pub location: Location,
     pub durability: Durability,
-    /// Read connections in the pool.
+    /// Read connections in the pool (SQLite).
     pub read_connections: u32,
     /// Write requests that may wait for the writer before callers block.
     pub writer_queue: usize,
@@ -71,12 +94,18 @@ pub struct StoreOptions {
     /// Bytes of write requests (bodies, roughly) queued for or being
     /// committed by the writer; more callers wait for room.
     pub writer_queue_bytes: usize,
-    /// The WAL is kept under this size: the writer restarts it between
-    /// batches once it passes half of it, and batches are cut to a quarter.
+    /// The WAL is kept under this size (SQLite): the writer restarts it
+    /// between batches once it passes half of it, and batches are cut to a
+    /// quarter.
     pub wal_max_bytes: u64,
     /// How long a read waits for a free connection before it fails with
     /// UNAVAILABLE (retryable).
     pub read_acquire_timeout: Duration,
+    /// Connections to PostgreSQL (reads and the writer).
+    pub pg_pool_size: u32,
+    /// How often a PostgreSQL node reads the event log when no wake-up hint
+    /// arrived (the fallback for a missed NOTIFY).
+    pub pg_poll_interval: Duration,
 }
 
 /// The start of a Changes page: which instance of the database it reads.
@@ -86,24 +115,16 @@ pub struct ChangesPage {
     pub created_seq: u64,
 }
 
-/// Rows a read connection computes ahead of the task consuming them.
-const READ_ROW_BUFFER: usize = 16;
-
 /// The store: cheap to share behind an `Arc`.
 pub struct Store {
-    reader: SqlitePool,
-    /// Scans (Changes, event replay, ListDatabases) hold one of these while
-    /// they use a read connection: at most `read_connections - 1` at once
-    /// (at least 1), so point reads are not queued behind scans (they still
-    /// wait for `--read-timeout-secs` at most when every connection is busy).
-    scans: Semaphore,
-    /// Point reads, coalesced by `reader::dispatch`.
-    gets: mpsc::Sender<reader::GetRequest>,
-    /// Cancelled by `close`: stops the read dispatcher and the checkpointer.
+    reads: Reads,
+    /// Cancelled by `close`: stops the store's background tasks.
     closed: CancellationToken,
-    /// Cancelled when an essential task (writer, read dispatcher,
-    /// checkpointer) died: the store can no longer serve.
+    /// Cancelled when an essential task died: the store can no longer serve.
     failed: CancellationToken,
+    /// Whether the database answers (PostgreSQL can go away and come back;
+    /// SQLite always does).
+    reachable: watch::Receiver<bool>,
     writer: mpsc::Sender<Command>,
     /// Bytes of requests queued for the writer (`writer_queue_bytes`).
     writer_bytes: Arc<Semaphore>,
@@ -112,14 +133,37 @@ pub struct Store {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+enum Reads {
+    Sqlite(sqlite::Reads),
+    Postgres(postgres::Reads),
+}
+
+/// What a backend's `open` hands back.
+struct Opened {
+    reads: Reads,
+    tasks: Vec<JoinHandle<()>>,
+    reachable: watch::Receiver<bool>,
+}
+
+/// What every backend's `open` is given.
+struct Wiring {
+    writer: mpsc::Receiver<Command>,
+    publish: Publisher,
+    closed: CancellationToken,
+    failed: CancellationToken,
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut => Error::Busy(
-                "every read connection stayed busy (--read-connections); the server is overloaded"
+                "no database connection became free in time (--read-connections, --pg-pool-size); the server is overloaded"
                     .into(),
             ),
             sqlx::Error::PoolClosed => Error::Unavailable("the server is shutting down".into()),
+            e if postgres::is_disconnect(&e) => Error::Unavailable(format!(
+                "the database cannot be reached ({e}); retry shortly"
+            )),
             e => Error::Storage(Box::new(e)),
         }
     }
@@ -133,102 +177,31 @@ impl From<sqlx::migrate::MigrateError> for Error {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database, then starts the
-    /// writer task.
+    /// writer and the backend's other tasks. `publish` receives every
+    /// committed event, in seq order.
     pub async fn open(options: StoreOptions, publish: Publisher) -> Result<Store> {
-        let synchronous = match options.durability {
-            Durability::Full => SqliteSynchronous::Full,
-            Durability::Normal => SqliteSynchronous::Normal,
-        };
-        let base = SqliteConnectOptions::new()
-            .filename(&options.path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(synchronous)
-            .busy_timeout(Duration::from_secs(10))
-            // A 64 MiB page cache per connection, and reads through mmap:
-            // fewer syscalls and copies on large databases.
-            .pragma("cache_size", "-65536")
-            .pragma("mmap_size", "268435456")
-            .pragma("temp_store", "memory")
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-
-        // No automatic checkpoints inside commits: the checkpointer task
-        // copies the WAL back off the write path, and the writer restarts the
-        // WAL itself between batches only when it passes its bound (see
-        // `writer::WalBound`).
-        let mut write_conn = base
-            .clone()
-            .create_if_missing(true)
-            .pragma("wal_autocheckpoint", "0")
-            .connect()
-            .await?;
-        sqlx::migrate!("./migrations")
-            .run_direct(&mut write_conn)
-            .await?;
-        let (last_seq, pruned_through) = read_counters(&mut write_conn).await?;
-
-        let reader = SqlitePoolOptions::new()
-            .max_connections(options.read_connections.max(1))
-            .min_connections(1)
-            .acquire_timeout(options.read_acquire_timeout)
-            .connect_with(
-                // A scan's rows wait in this buffer while the handler
-                // encodes: 16 rows of up to a document each, not sqlx's 50.
-                base.clone()
-                    .read_only(true)
-                    .row_buffer_size(READ_ROW_BUFFER),
-            )
-            .await?;
-
         let (tx, rx) = mpsc::channel(options.writer_queue.max(1));
-        let retention = Retention {
-            keep: options.retain_events.max(1),
-            pruned_through,
-        };
-        let wal = WalBound {
-            path: wal_path(&options.path),
-            max_bytes: options.wal_max_bytes.max(1),
-            nudge: Arc::new(tokio::sync::Notify::new()),
-        };
-        let nudge = wal.nudge.clone();
-        let writer = Writer::new(
-            write_conn,
-            rx,
-            last_seq,
-            options.max_batch.max(1),
-            retention,
-            wal,
+        let wiring = Wiring {
+            writer: rx,
             publish,
-        )
-        .await?;
-        let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
-        let closed = CancellationToken::new();
-        let failed = CancellationToken::new();
-        let checkpoint_conn = base.connect().await?;
-        let tasks = vec![
-            supervise("writer", failed.clone(), writer.run()),
-            supervise(
-                "checkpointer",
-                failed.clone(),
-                checkpointer(checkpoint_conn, nudge, closed.clone()),
-            ),
-            supervise(
-                "read dispatcher",
-                failed.clone(),
-                reader::dispatch(reader.clone(), gets_rx, closed.clone()),
-            ),
-        ];
+            closed: CancellationToken::new(),
+            failed: CancellationToken::new(),
+        };
+        let (closed, failed) = (wiring.closed.clone(), wiring.failed.clone());
+        let opened = match &options.location {
+            Location::Sqlite(path) => sqlite::open(path, &options, wiring).await?,
+            Location::Postgres(url) => postgres::open(url, &options, wiring).await?,
+        };
         let writer_queue_bytes = options.writer_queue_bytes.max(1);
         Ok(Store {
-            reader,
-            scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
-            gets,
+            reads: opened.reads,
             closed,
             failed,
+            reachable: opened.reachable,
             writer: tx,
             writer_bytes: Arc::new(Semaphore::new(writer_queue_bytes)),
             writer_queue_bytes,
-            tasks: Mutex::new(tasks),
+            tasks: Mutex::new(opened.tasks),
         })
     }
 
@@ -243,9 +216,14 @@ impl Store {
         self.failed.is_cancelled()
     }
 
-    /// Stops taking writes, lets the writer commit what is queued, checkpoints
-    /// the WAL, joins every task of the store and closes every connection.
-    /// Idempotent.
+    /// Whether the database answers, updated as it goes away and comes
+    /// back (health reports NOT_SERVING meanwhile).
+    pub fn reachable(&self) -> watch::Receiver<bool> {
+        self.reachable.clone()
+    }
+
+    /// Stops taking writes, lets the writer commit what is queued, joins
+    /// every task of the store and closes every connection. Idempotent.
     pub async fn close(&self) {
         self.closed.cancel();
         let (reply, done) = oneshot::channel();
@@ -256,22 +234,10 @@ impl Store {
         for task in tasks {
             let _ = task.await;
         }
-        self.reader.close().await;
-    }
-
-    /// A scan permit and a read connection in a read transaction.
-    async fn scan(
-        &self,
-    ) -> Result<(
-        tokio::sync::SemaphorePermit<'_>,
-        sqlx::Transaction<'static, sqlx::Sqlite>,
-    )> {
-        let permit = self
-            .scans
-            .acquire()
-            .await
-            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
-        Ok((permit, self.reader.begin().await?))
+        match &self.reads {
+            Reads::Sqlite(r) => r.close().await,
+            Reads::Postgres(r) => r.close().await,
+        }
     }
 
     /// Queues `op` for the writer, once its bytes fit in the writer queue's
@@ -366,10 +332,10 @@ impl Store {
 
     /// The highest committed seq.
     pub async fn last_seq(&self) -> Result<u64> {
-        let (_permit, mut tx) = self.scan().await?;
-        let (last_seq, _) = read_counters(&mut tx).await?;
-        tx.commit().await?;
-        Ok(last_seq)
+        match &self.reads {
+            Reads::Sqlite(r) => r.last_seq().await,
+            Reads::Postgres(r) => r.last_seq().await,
+        }
     }
 
     /// The changes feed: documents changed after `since`, each once at its
@@ -382,43 +348,12 @@ impl Store {
         since: u64,
         limit: u32,
         include_docs: bool,
-        mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+        take: impl FnMut(Change) -> Result<ControlFlow<()>>,
     ) -> Result<ChangesPage> {
-        let (_permit, mut conn) = self.scan().await?;
-        let (db_id, created_seq): (i64, i64) =
-            sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = ?1")
-                .bind(database.as_str())
-                .fetch_optional(&mut *conn)
-                .await?
-                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-        {
-            let mut rows = sqlx::query(
-                "SELECT id, rev, seq, deleted, CASE WHEN ?4 AND NOT deleted THEN body END AS body
-                 FROM docs WHERE db_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )
-            .bind(db_id)
-            .bind(to_i64(since))
-            .bind(i64::from(limit))
-            .bind(include_docs)
-            .fetch(&mut *conn);
-            while let Some(row) = rows.try_next().await? {
-                let body: Option<&str> = row.try_get("body")?;
-                let change = Change {
-                    id: DocId::parse("stored id", row.try_get("id")?)?,
-                    rev: parse_stored_rev(row.try_get("rev")?)?,
-                    seq: to_u64(row.try_get("seq")?),
-                    deleted: row.try_get("deleted")?,
-                    body: body.map(Body::from_canonical_json).transpose()?,
-                };
-                if take(change)?.is_break() {
-                    break;
-                }
-            }
+        match &self.reads {
+            Reads::Sqlite(r) => r.changes(database, since, limit, include_docs, take).await,
+            Reads::Postgres(r) => r.changes(database, since, limit, include_docs, take).await,
         }
-        conn.commit().await?;
-        Ok(ChangesPage {
-            created_seq: to_u64(created_seq),
-        })
     }
 
     /// Reads up to `limit` logged events with seq > `after` for `keys`, and
@@ -431,63 +366,25 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<EventPage> {
-        let (_permit, mut conn) = self.scan().await?;
-        let (head, pruned_through) = read_counters(&mut conn).await?;
-        let mut query = sqlx::QueryBuilder::new(
-            "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
-             FROM events WHERE seq > ",
-        );
-        query.push_bind(to_i64(after)).push(" AND sync_key IN (");
-        let mut keys_list = query.separated(", ");
-        for key in keys {
-            keys_list.push_bind(key.as_str());
+        match &self.reads {
+            Reads::Sqlite(r) => r.read_events(keys, after, limit, max_bytes).await,
+            Reads::Postgres(r) => r.read_events(keys, after, limit, max_bytes).await,
         }
-        query
-            .push(") ORDER BY seq LIMIT ")
-            .push_bind(i64::from(limit));
-        let mut events = Vec::new();
-        {
-            let mut rows = query.build().fetch(&mut *conn);
-            let mut bytes = 0;
-            while let Some(row) = rows.try_next().await? {
-                let event = event_from_row(&row)?;
-                bytes += event.approx_bytes();
-                events.push(event);
-                if bytes >= max_bytes {
-                    break;
-                }
-            }
-        }
-        conn.commit().await?;
-        Ok(EventPage {
-            events,
-            head,
-            pruned_through,
-        })
     }
 
     pub async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
-        let (_permit, mut conn) = self.scan().await?;
-        let rows = sqlx::query(
-            "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        conn.commit().await?;
-        rows.iter().map(database_from_row).collect()
+        match &self.reads {
+            Reads::Sqlite(r) => r.list_databases().await,
+            Reads::Postgres(r) => r.list_databases().await,
+        }
     }
 
     /// The current revision of a live document.
     pub async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
-        let (reply, rx) = oneshot::channel();
-        let request = reader::GetRequest {
-            database: database.clone(),
-            id: id.clone(),
-            reply,
-        };
-        let closing = || Error::Unavailable("the server is shutting down".into());
-        self.gets.send(request).await.map_err(|_| closing())?;
-        rx.await.map_err(|_| closing())?
+        match &self.reads {
+            Reads::Sqlite(r) => r.get(database, id).await,
+            Reads::Postgres(r) => r.get(database, id).await,
+        }
     }
 }
 
@@ -510,67 +407,19 @@ fn supervise(
     })
 }
 
-/// The WAL file of the database at `path`, as SQLite names it.
-fn wal_path(path: &std::path::Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
-}
-
-/// Copies committed WAL pages into the database file every second, on its
-/// own connection, so the writer's own checkpoints (see `WalBound`) have
-/// little left to copy. PASSIVE never blocks the writer or readers; pages
-/// still in use by a reader are left for the next round.
-/// The writer nudges it (`nudge`) after each batch while the WAL is past a
-/// quarter of its bound: it then checkpoints back to back. Under sustained
-/// writes that lets SQLite itself restart the WAL from its start whenever a
-/// checkpoint catches up between two commits, and when the writer must
-/// restart it (at half the bound) there is little left to copy, so its pause
-/// is short. (Measured: with a 50 ms gap between checkpoints the writer's
-/// pauses put update-64's p99 at 20 ms instead of 9.)
-async fn checkpointer(
-    mut conn: sqlx::SqliteConnection,
-    nudge: Arc<tokio::sync::Notify>,
-    closed: CancellationToken,
-) -> Result<()> {
-    const EVERY: Duration = Duration::from_secs(1);
-    loop {
-        tokio::select! {
-            () = closed.cancelled() => break,
-            () = tokio::time::sleep(EVERY) => {}
-            () = nudge.notified() => {}
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed; retrying in a second");
-        }
-    }
-    let _ = sqlx::Connection::close(conn).await;
-    Ok(())
-}
-
 fn unexpected() -> Error {
     Error::Storage("the writer answered with the wrong outcome".into())
 }
 
-async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<(u64, u64)> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let get = |name: &str| {
-        rows.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| to_u64(*v))
-            .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
-    };
-    Ok((get("last_seq")?, get("pruned_through")?))
-}
-
-fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
+/// Decodes a stored event row (both backends use the same columns).
+fn event_from_row<R>(row: &R) -> Result<Event>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let database: &str = row.try_get("database")?;
     let doc_id: &str = row.try_get("doc_id")?;
@@ -595,7 +444,14 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
     })
 }
 
-fn database_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DatabaseInfo> {
+/// Decodes a stored database row.
+fn database_from_row<R>(row: &R) -> Result<DatabaseInfo>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let name: &str = row.try_get("name")?;
     let sync_key: &str = row.try_get("sync_key")?;
     Ok(DatabaseInfo {
@@ -611,7 +467,7 @@ fn parse_stored_rev(s: &str) -> Result<Rev> {
     Rev::from_str(s).map_err(|why| Error::Storage(format!("stored revision: {why}").into()))
 }
 
-/// SQLite integers are i64; seqs and counts are never negative.
+/// Stored integers are i64; seqs and counts are never negative.
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }

@@ -13,7 +13,7 @@ use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{parse_stored_rev, to_u64};
+use super::super::{parse_stored_rev, to_u64};
 use crate::domain::{Body, DbName, DocId, Document, Error, Result};
 
 /// The most Gets answered by one query.

@@ -1,0 +1,300 @@
+//! The PostgreSQL backend: several agsync nodes share one database.
+//!
+//! - Writes: each node's writer batches its queued requests into one
+//!   transaction (`writer`), like SQLite's. Every write transaction first
+//!   locks the `last_seq` counter row and holds it until it commits, so
+//!   write transactions of all nodes run one after another: revision checks
+//!   see every earlier commit (no lost update across nodes), and seqs are
+//!   handed out in commit order.
+//! - Notifications: the durable `events` table is the only data path. Each
+//!   node tails it in seq order (`tail`) and publishes what it reads to its
+//!   hub. Because seqs are commit-ordered, reading `seq > last` never skips
+//!   a row that becomes visible later. A writer wakes its own node's tailer
+//!   directly and the other nodes with a coalesced `NOTIFY` (a hint only,
+//!   sent outside the write transaction); a tailer also polls every
+//!   `--pg-poll-interval-ms`, so a lost hint costs latency, never an event.
+//! - Reachability: the tailer's reads double as a health probe.
+
+mod tail;
+mod writer;
+
+use std::ops::ControlFlow;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{Notify, watch};
+
+use super::batch::Retention;
+use super::{
+    ChangesPage, EventPage, StoreOptions, database_from_row, event_from_row, parse_stored_rev,
+    supervise, to_i64, to_u64,
+};
+use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result, SyncKey};
+
+/// The channel of the wake-up hint.
+const CHANNEL: &str = "agsync_events";
+
+/// Whether `e` means the database could not be reached (the server is down,
+/// restarting or refusing connections): retryable, not a bug.
+pub(super) fn is_disconnect(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57P01-57P03: admin shutdown, crash
+            // shutdown, cannot connect now; 53300: too many connections.
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
+/// The read side: a pool shared with the writer and the tailer.
+pub(super) struct Reads {
+    pool: PgPool,
+}
+
+/// Connects, migrates (sqlx takes an advisory lock, so nodes starting at
+/// once do not race), then starts the writer, the tailer, the listener and
+/// the notifier.
+pub(super) async fn open(
+    url: &str,
+    options: &StoreOptions,
+    wiring: super::Wiring,
+) -> Result<super::Opened> {
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(|e| Error::Config(format!("--db is not a valid PostgreSQL URL: {e}")))?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    // Never the password: host, port and database only.
+    let target = format!(
+        "{}:{}/{}",
+        connect.get_host(),
+        connect.get_port(),
+        connect.get_database().unwrap_or("")
+    );
+    let unreachable = |e: sqlx::Error| {
+        Error::Config(format!(
+            "cannot connect to PostgreSQL at {target}: {e}; check that it runs and that --db is right"
+        ))
+    };
+    let pool = PgPoolOptions::new()
+        // The listener keeps one connection; the writer and readers share the rest.
+        .max_connections(options.pg_pool_size.max(2) + 1)
+        .acquire_timeout(options.read_acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(unreachable)?;
+    sqlx::migrate!("./migrations/postgres")
+        .run(&pool)
+        .await
+        .map_err(|e| Error::Config(format!("cannot migrate PostgreSQL at {target}: {e}")))?;
+    let (last_seq, pruned_through) = read_counters(&pool).await.map_err(|e| match e {
+        Error::Storage(why) => Error::Config(format!("cannot read PostgreSQL at {target}: {why}")),
+        e => e,
+    })?;
+    tracing::info!(postgres = %target, last_seq, "PostgreSQL backend ready");
+
+    let (closed, failed) = (wiring.closed, wiring.failed);
+    let (reachable_tx, reachable) = watch::channel(true);
+    let (published_tx, published) = watch::channel(last_seq);
+    let wake_local = Arc::new(Notify::new());
+    let wake_others = Arc::new(Notify::new());
+    let writer = writer::Writer::new(
+        pool.clone(),
+        Retention {
+            keep: options.retain_events.max(1),
+            pruned_through,
+        },
+        wake_local.clone(),
+        wake_others.clone(),
+        published,
+    );
+    let tailer = tail::Tailer {
+        pool: pool.clone(),
+        publish: wiring.publish,
+        published: published_tx,
+        reachable: reachable_tx,
+        wake: wake_local.clone(),
+        poll_every: options.pg_poll_interval.max(Duration::from_millis(1)),
+        closed: closed.clone(),
+    };
+    let tasks = vec![
+        supervise(
+            "writer",
+            failed.clone(),
+            super::batch::serve(writer, wiring.writer, options.max_batch.max(1)),
+        ),
+        supervise("event tailer", failed.clone(), tailer.run(last_seq)),
+        supervise(
+            "listener",
+            failed.clone(),
+            tail::listen(pool.clone(), wake_local, closed.clone()),
+        ),
+        supervise(
+            "notifier",
+            failed.clone(),
+            tail::notify_others(pool.clone(), wake_others, closed.clone()),
+        ),
+    ];
+    Ok(super::Opened {
+        reads: super::Reads::Postgres(Reads { pool }),
+        tasks,
+        reachable,
+    })
+}
+
+async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<(u64, u64)> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
+    )
+    .fetch_all(conn)
+    .await?;
+    let get = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| to_u64(*v))
+            .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
+    };
+    Ok((get("last_seq")?, get("pruned_through")?))
+}
+
+impl Reads {
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A read-only transaction on one snapshot.
+    async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    pub(super) async fn last_seq(&self) -> Result<u64> {
+        Ok(read_counters(&self.pool).await?.0)
+    }
+
+    pub(super) async fn changes(
+        &self,
+        database: &DbName,
+        since: u64,
+        limit: u32,
+        include_docs: bool,
+        mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+    ) -> Result<ChangesPage> {
+        let mut tx = self.snapshot().await?;
+        let (db_id, created_seq): (i64, i64) =
+            sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = $1")
+                .bind(database.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        {
+            let mut rows = sqlx::query(
+                "SELECT id, rev, seq, deleted, CASE WHEN $4 AND NOT deleted THEN body END AS body
+                 FROM docs WHERE db_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(db_id)
+            .bind(to_i64(since))
+            .bind(i64::from(limit))
+            .bind(include_docs)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let body: Option<&str> = row.try_get("body")?;
+                let change = Change {
+                    id: DocId::parse("stored id", row.try_get("id")?)?,
+                    rev: parse_stored_rev(row.try_get("rev")?)?,
+                    seq: to_u64(row.try_get("seq")?),
+                    deleted: row.try_get("deleted")?,
+                    body: body.map(Body::from_canonical_json).transpose()?,
+                };
+                if take(change)?.is_break() {
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(ChangesPage {
+            created_seq: to_u64(created_seq),
+        })
+    }
+
+    pub(super) async fn read_events(
+        &self,
+        keys: &[SyncKey],
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<EventPage> {
+        let mut tx = self.snapshot().await?;
+        let (head, pruned_through) = read_counters(&mut *tx).await?;
+        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        let mut events = Vec::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
+                 FROM events WHERE seq > $1 AND sync_key = ANY($2) ORDER BY seq LIMIT $3",
+            )
+            .bind(to_i64(after))
+            .bind(&keys)
+            .bind(i64::from(limit))
+            .fetch(&mut *tx);
+            let mut bytes = 0;
+            while let Some(row) = rows.try_next().await? {
+                let event = event_from_row(&row)?;
+                bytes += event.approx_bytes();
+                events.push(event);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(EventPage {
+            events,
+            head,
+            pruned_through,
+        })
+    }
+
+    pub(super) async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
+        let rows = sqlx::query(
+            "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(database_from_row).collect()
+    }
+
+    pub(super) async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
+        let row = sqlx::query(
+            "SELECT db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM databases db \
+             LEFT JOIN docs d ON d.db_id = db.id AND d.id = $2 WHERE db.name = $1",
+        )
+        .bind(database.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        let rev: Option<&str> = row.try_get("rev")?;
+        let deleted: Option<bool> = row.try_get("deleted")?;
+        match (rev, deleted) {
+            (Some(rev), Some(false)) => Ok(Document {
+                id: id.clone(),
+                rev: parse_stored_rev(rev)?,
+                body: Body::from_canonical_json(row.try_get("body")?)?,
+                seq: to_u64(row.try_get("seq")?),
+            }),
+            _ => Err(Error::DocumentNotFound {
+                database: database.to_string(),
+                id: id.to_string(),
+            }),
+        }
+    }
+}

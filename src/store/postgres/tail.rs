@@ -1,0 +1,157 @@
+//! How a node learns of every node's writes: it tails the `events` table in
+//! seq order and publishes each event to its hub, once, in order. Wake-ups
+//! come from this node's writer (after each commit), from the other nodes'
+//! coalesced `NOTIFY` hints (`listen`), and from a poll every
+//! `--pg-poll-interval-ms`, so a hint lost while the listener reconnects only
+//! delays events. The data itself is always read from the table.
+//!
+//! Invariant: `published` only grows, and every seq up to it was published
+//! (seqs are commit-ordered and gap-free, see the module above).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::super::{Publisher, event_from_row, to_i64};
+use super::CHANNEL;
+use crate::domain::Result;
+
+/// Events read per query.
+const PAGE: i64 = 1000;
+/// How long the tailer waits before retrying after PostgreSQL failed.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+pub(super) struct Tailer {
+    pub pool: PgPool,
+    pub publish: Publisher,
+    pub published: watch::Sender<u64>,
+    /// Whether the last read of the log succeeded (health).
+    pub reachable: watch::Sender<bool>,
+    pub wake: Arc<Notify>,
+    pub poll_every: Duration,
+    pub closed: CancellationToken,
+}
+
+impl Tailer {
+    pub(super) async fn run(self, mut last: u64) -> Result<()> {
+        loop {
+            match self.read_after(last).await {
+                Ok((new_last, full)) => {
+                    self.reachable
+                        .send_if_modified(|r| !std::mem::replace(r, true));
+                    last = new_last;
+                    if full {
+                        continue;
+                    }
+                    tokio::select! {
+                        () = self.closed.cancelled() => return Ok(()),
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(self.poll_every) => {}
+                    }
+                }
+                Err(e) => {
+                    if self
+                        .reachable
+                        .send_if_modified(|r| std::mem::replace(r, false))
+                    {
+                        tracing::error!(error = %e, "PostgreSQL is unreachable; notifications resume when it is back");
+                    }
+                    tokio::select! {
+                        () = self.closed.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the events after `last`, one page; returns the new last
+    /// seq and whether the page was full (more may be waiting).
+    async fn read_after(&self, last: u64) -> Result<(u64, bool)> {
+        let rows = sqlx::query(
+            "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
+             FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(to_i64(last))
+        .bind(PAGE)
+        .fetch_all(&self.pool)
+        .await?;
+        let full = rows.len() as i64 == PAGE;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let Some(new_last) = events.last().map(|e| e.seq) else {
+            return Ok((last, false));
+        };
+        (self.publish)(&events);
+        self.published.send_replace(new_last);
+        Ok((new_last, full))
+    }
+}
+
+/// Listens for the other nodes' hints and wakes the tailer on each, and
+/// after every reconnection (hints sent meanwhile are lost).
+pub(super) async fn listen(
+    pool: PgPool,
+    wake: Arc<Notify>,
+    closed: CancellationToken,
+) -> Result<()> {
+    loop {
+        let mut listener = loop {
+            let attempt = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            tokio::select! {
+                () = closed.cancelled() => return Ok(()),
+                result = attempt => match result {
+                    Ok(listener) => break listener,
+                    Err(_) => tokio::select! {
+                        () = closed.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                    },
+                },
+            }
+        };
+        wake.notify_one();
+        loop {
+            tokio::select! {
+                () = closed.cancelled() => return Ok(()),
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => wake.notify_one(),
+                    // The connection was lost (and re-established): what
+                    // was sent meanwhile is gone, so look at the table.
+                    Ok(None) => wake.notify_one(),
+                    Err(_) => break,
+                },
+            }
+        }
+    }
+}
+
+/// Sends one `NOTIFY` per wake-up, outside any write transaction; wake-ups
+/// that arrive while one is being sent are coalesced into the next.
+pub(super) async fn notify_others(
+    pool: PgPool,
+    wake: Arc<Notify>,
+    closed: CancellationToken,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => return Ok(()),
+            () = wake.notified() => {}
+        }
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "NOTIFY failed; the other nodes will poll");
+        }
+    }
+}

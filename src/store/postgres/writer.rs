@@ -1,0 +1,399 @@
+//! A node's writer on PostgreSQL: the shared batching loop
+//! (`batch::serve`) with one transaction per batch. The transaction first
+//! locks the `last_seq` counter row (`FOR UPDATE`), which every node's
+//! writer does, and only then reads counters, databases and documents: all
+//! write transactions of all nodes are serialized by that lock, so each sees
+//! every earlier commit, and the seqs it assigns are larger than any
+//! committed before and smaller than any committed after (see
+//! ARCHITECTURE.md, "A commit-ordered seq").
+//!
+//! Replies wait until the node's tailer has published the batch's events
+//! (or briefly, if PostgreSQL went away meanwhile), so a client that hears
+//! back from a write also finds it on this node's streams.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Connection, Row};
+use tokio::sync::{Notify, watch};
+
+use super::super::batch::{
+    self, Current, DbRow, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
+    attributes_json,
+};
+use super::super::{parse_stored_rev, to_i64, to_u64};
+use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
+
+/// How long replies wait for the tailer before they are sent anyway (the
+/// write is committed; its notification follows when the tailer catches up).
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+pub(super) struct Writer {
+    pool: PgPool,
+    retention: Retention,
+    /// Wakes this node's tailer after a commit.
+    wake_local: Arc<Notify>,
+    /// Wakes the notifier, which hints the other nodes.
+    wake_others: Arc<Notify>,
+    /// The highest seq this node's tailer has published.
+    published: watch::Receiver<u64>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        pool: PgPool,
+        retention: Retention,
+        wake_local: Arc<Notify>,
+        wake_others: Arc<Notify>,
+        published: watch::Receiver<u64>,
+    ) -> Self {
+        Writer {
+            pool,
+            retention,
+            wake_local,
+            wake_others,
+            published,
+        }
+    }
+
+    /// Runs one batch in a transaction on `conn`. On error the caller
+    /// closes the connection, which ends the transaction.
+    #[allow(clippy::type_complexity)]
+    fn transact<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+        ops: Vec<batch::Op>,
+        events: &'a mut Vec<Event>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Result<batch::Outcome>>>> + Send + 'a>> {
+        // Boxed as `Send` here, where the lifetimes are concrete: the
+        // compiler cannot prove it through the spawned writer loop.
+        Box::pin(async move {
+            // No arguments: the simple query protocol.
+            sqlx::Executor::execute(&mut *conn, "BEGIN").await?;
+            let mut state = lock(conn, &ops, self.retention).await?;
+            let results = batch::apply(conn, &mut state, ops, events).await?;
+            self.retention = state.retention;
+            Ok(results)
+        })
+    }
+}
+
+/// Takes the global write lock and reads what the batch starts from: the
+/// counters and the databases its ops name.
+async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) -> Result<State> {
+    let counters: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, value FROM counters ORDER BY name FOR UPDATE")
+            .fetch_all(&mut *conn)
+            .await?;
+    let counter = |name: &str| {
+        counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
+    };
+    let mut names: Vec<String> = ops
+        .iter()
+        .filter_map(batch::Op::database)
+        .map(ToString::to_string)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut databases = HashMap::new();
+    if !names.is_empty() {
+        let rows = sqlx::query("SELECT id, name, sync_key FROM databases WHERE name = ANY($1)")
+            .bind(&names)
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in rows {
+            databases.insert(
+                DbName::parse("stored name", row.try_get("name")?)?,
+                DbRow {
+                    id: row.try_get("id")?,
+                    sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
+                },
+            );
+        }
+    }
+    Ok(State {
+        last_seq: to_u64(counter("last_seq")?),
+        last_db_id: counter("last_db_id")?,
+        retention: Retention {
+            keep: retention.keep,
+            pruned_through: to_u64(counter("pruned_through")?),
+        },
+        databases,
+    })
+}
+
+impl Engine for Writer {
+    async fn commit(&mut self, queued: Vec<Queued>) -> bool {
+        let (ops, replies, permits) = batch::unzip(queued);
+        let mut events = Vec::new();
+        let started = std::time::Instant::now();
+        let outcome = match self.pool.acquire().await {
+            Ok(mut conn) => {
+                let result = self.transact(&mut conn, ops, &mut events).await;
+                if result.is_err() {
+                    // Its transaction is unfinished or its state unknown:
+                    // closing it rolls back; it is never handed on.
+                    let _ = conn.detach().close().await;
+                }
+                result
+            }
+            Err(e) => Err(e.into()),
+        };
+        let took = started.elapsed();
+        if took > Duration::from_millis(500) {
+            tracing::warn!(
+                ?took,
+                requests = replies.len(),
+                "a batch took long to commit"
+            );
+        }
+        match outcome {
+            Ok(results) => {
+                let Some(last) = events.last().map(|e| e.seq) else {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                    return true;
+                };
+                self.wake_local.notify_one();
+                self.wake_others.notify_one();
+                let mut published = self.published.clone();
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(PUBLISH_WAIT, published.wait_for(|seq| *seq >= last))
+                            .await;
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                    drop(permits);
+                });
+                true
+            }
+            Err(e) => {
+                let unreachable = matches!(e, Error::Unavailable(_) | Error::Busy(_));
+                if unreachable {
+                    tracing::warn!(error = %e, "batch failed: PostgreSQL is unreachable");
+                } else {
+                    tracing::error!(error = %e, "batch failed; it is rolled back");
+                }
+                batch::fail_all(replies, || match &e {
+                    Error::Unavailable(m) => Error::Unavailable(format!(
+                        "{m}; nothing of this request was applied, or it was committed just as the connection broke: read before retrying a create"
+                    )),
+                    Error::Busy(m) => Error::Busy(m.clone()),
+                    _ => Error::Storage(
+                        "the transaction failed to commit; nothing of this request was applied"
+                            .into(),
+                    ),
+                });
+                false
+            }
+        }
+    }
+
+    fn batch_bytes(&self) -> usize {
+        // Bounds a transaction's size and the memory its statements hold.
+        16 * 1024 * 1024
+    }
+
+    fn idle_after(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn idle(&mut self) {}
+
+    fn max_failed_batches(&self) -> Option<u32> {
+        // PostgreSQL may come back: keep answering UNAVAILABLE until it does.
+        None
+    }
+
+    async fn close(self) {}
+}
+
+impl Tx for PgConnection {
+    async fn doc_states(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<(DocId, Current)>> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let rows =
+            sqlx::query("SELECT id, rev, deleted, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
+                .bind(db_id)
+                .bind(&ids)
+                .fetch_all(&mut *self)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    DocId::parse("stored id", row.try_get("id")?)?,
+                    Current {
+                        rev: parse_stored_rev(row.try_get("rev")?)?,
+                        deleted: row.try_get("deleted")?,
+                        seq: to_u64(row.try_get("seq")?),
+                        body: None,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn documents(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<Document>> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let rows =
+            sqlx::query("SELECT id, rev, body, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
+                .bind(db_id)
+                .bind(&ids)
+                .fetch_all(&mut *self)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Document {
+                    id: DocId::parse("stored id", row.try_get("id")?)?,
+                    rev: parse_stored_rev(row.try_get("rev")?)?,
+                    body: Body::from_canonical_json(row.try_get("body")?)?,
+                    seq: to_u64(row.try_get("seq")?),
+                })
+            })
+            .collect()
+    }
+
+    /// One statement for the whole batch: arrays unnested into rows.
+    async fn put_docs(&mut self, rows: &[DocRow]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO docs (db_id, id, rev, deleted, body, seq) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::text[], $6::bigint[]) \
+             ON CONFLICT (db_id, id) DO UPDATE SET rev = excluded.rev, \
+             deleted = excluded.deleted, body = excluded.body, seq = excluded.seq",
+        )
+        .bind(rows.iter().map(|r| r.db_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.rev.to_string()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.body.canonical_json()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.seq)).collect::<Vec<_>>())
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn put_events(&mut self, events: &[Event]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::boolean[], $7::text[], $8::text[])",
+        )
+        .bind(events.iter().map(|e| to_i64(e.seq)).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.sync_key.to_string()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.database.as_ref().map(ToString::to_string).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.id.as_ref().map(ToString::to_string).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.rev.as_ref().map(ToString::to_string).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.deleted).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| aliases_json(&e.aliases)).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| attributes_json(&e.attributes))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_database(&mut self, id: i64, info: &DatabaseInfo) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO databases (id, name, sync_key, created_seq) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(info.name.as_str())
+        .bind(info.sync_key.as_str())
+        .bind(to_i64(info.created_seq))
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_database(&mut self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM docs WHERE db_id = $1")
+            .bind(id)
+            .execute(&mut *self)
+            .await?;
+        sqlx::query("DELETE FROM databases WHERE id = $1")
+            .bind(id)
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    /// Counters, pruning and the commit in one round trip (simple query
+    /// protocol). Every value is an integer the writer computed, so writing
+    /// them into the SQL text is safe.
+    async fn finish(&mut self, tail: Tail) -> Result<()> {
+        let mut sql = String::new();
+        if !tail.databases.is_empty() {
+            let list = |f: fn(&(i64, i64, u64)) -> i64| {
+                tail.databases
+                    .iter()
+                    .map(|t| f(t).to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let _ = writeln!(
+                sql,
+                "UPDATE databases d SET doc_count = d.doc_count + u.delta, update_seq = u.seq \
+                 FROM UNNEST('{{{}}}'::bigint[], '{{{}}}'::bigint[], '{{{}}}'::bigint[]) AS u(id, delta, seq) \
+                 WHERE d.id = u.id;",
+                list(|t| t.0),
+                list(|t| t.1),
+                list(|t| to_i64(t.2)),
+            );
+        }
+        if let Some(id) = tail.last_db_id {
+            let _ = writeln!(
+                sql,
+                "UPDATE counters SET value = {id} WHERE name = 'last_db_id';"
+            );
+        }
+        if let Some(seq) = tail.last_seq {
+            let _ = writeln!(
+                sql,
+                "UPDATE counters SET value = {} WHERE name = 'last_seq';",
+                to_i64(seq)
+            );
+        }
+        if let Some(through) = tail.prune_through {
+            let through = to_i64(through);
+            let _ = writeln!(
+                sql,
+                "DELETE FROM events WHERE seq <= {through};\n\
+                 UPDATE counters SET value = {through} WHERE name = 'pruned_through';"
+            );
+        }
+        sql.push_str("COMMIT;");
+        // No arguments: the simple query protocol, which runs several
+        // statements in one round trip.
+        sqlx::Executor::execute(&mut *self, sql.as_str()).await?;
+        Ok(())
+    }
+}
