@@ -1,5 +1,6 @@
 //! Test harness: a real server on an ephemeral loopback port with a temp
-//! SQLite file, driven through the generated tonic client. `TestServer` runs
+//! SQLite file (or, in the PostgreSQL run, a fresh PostgreSQL database, see
+//! `pg.rs`), driven through the generated tonic client. `TestServer` runs
 //! the server in-process (fast, restartable on the same file); `ProcessServer`
 //! runs the real binary so a test can SIGKILL it.
 
@@ -40,6 +41,9 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::for_path(dir.path().join("agsync.db"));
         configure(&mut config);
+        if crate::POSTGRES {
+            config.db = crate::pg::url_for(&config.db).await.into();
+        }
         let (addr, shutdown, task) = spawn(config.clone()).await;
         TestServer {
             addr,
@@ -150,10 +154,15 @@ impl ProcessServer {
         args: &[&str],
         max_file_bytes: Option<u64>,
     ) -> ProcessServer {
+        let db = if crate::POSTGRES {
+            std::path::PathBuf::from(crate::pg::url_for(db).await)
+        } else {
+            db.to_path_buf()
+        };
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_agsync"));
         command
             .args(["--listen", "127.0.0.1:0", "--db"])
-            .arg(db)
+            .arg(&db)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -434,4 +443,15 @@ pub fn with_token<T>(message: T, authorization: Option<&str>) -> tonic::Request<
             .insert("authorization", value.parse().expect("ascii metadata"));
     }
     request
+}
+
+/// Ends a test that checks SQLite's own files or limits when the suite runs
+/// against PostgreSQL.
+#[macro_export]
+macro_rules! sqlite_only {
+    () => {
+        if crate::POSTGRES {
+            return;
+        }
+    };
 }

@@ -182,6 +182,7 @@ async fn calls_past_the_in_flight_cap_are_unavailable() {
 /// truncated once writes pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_under_its_bound_and_is_truncated_when_idle() {
+    crate::sqlite_only!();
     const BOUND: u64 = 1024 * 1024;
     let srv = TestServer::start_with(|c| c.wal_max_bytes = BOUND).await;
     let wal = srv.db_path().with_extension("db-wal");

@@ -1,6 +1,11 @@
 //! One integration-test binary (so the crate links once), one module per area.
 
 mod helpers;
+mod pg;
+
+/// This binary runs the suite against SQLite; `tests/api_postgres` runs
+/// the same modules against PostgreSQL.
+pub const POSTGRES: bool = false;
 
 mod bulk;
 mod databases;

@@ -1,0 +1,236 @@
+//! A real PostgreSQL for the suite's PostgreSQL run (`tests/api_postgres`):
+//! `AGSYNC_TEST_POSTGRES_URL` when set (a server the tests may create
+//! databases on), else a throwaway cluster started once per test process,
+//! as the `postgres` user (PostgreSQL refuses to run as root), in a temp
+//! dir on a free 127.0.0.1 port, and stopped when the process exits. Each
+//! database path a test uses maps to a fresh PostgreSQL database, so a
+//! restart "on the same file" finds the same data.
+//!
+//! Without PostgreSQL (no `initdb`, not root) the run prints one line saying
+//! the PostgreSQL tests were skipped and ends the process successfully,
+//! unless `AGSYNC_TEST_REQUIRE_POSTGRES=1` (CI), which makes it fail.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use sqlx::Connection;
+
+struct Cluster {
+    /// A URL of the server's `postgres` database, for CREATE DATABASE.
+    admin_url: String,
+    /// The URL with `{db}` where the database name goes.
+    url_template: String,
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+static DATA_DIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+static DATABASES: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+
+/// The URL of the PostgreSQL database standing for the SQLite file `path`
+/// (created the first time a path is seen).
+pub async fn url_for(path: &Path) -> String {
+    let cluster = match CLUSTER.get_or_init(start) {
+        Ok(cluster) => cluster,
+        Err(why) => skip(why),
+    };
+    if let Some(url) = DATABASES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(path)
+    {
+        return url.clone();
+    }
+    let name = format!(
+        "agsync_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut admin = sqlx::PgConnection::connect(&cluster.admin_url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database");
+    let _ = admin.close().await;
+    let url = cluster.url_template.replace("{db}", &name);
+    DATABASES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(path.to_path_buf(), url.clone());
+    url
+}
+
+/// A database URL for a test that wants one directly (cluster tests).
+pub async fn fresh_url() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    url_for(&dir.path().join("cluster.db")).await
+}
+
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn skip(why: &str) -> ! {
+    if std::env::var("AGSYNC_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+        panic!("PostgreSQL is required (AGSYNC_TEST_REQUIRE_POSTGRES=1) but unavailable: {why}");
+    }
+    // Straight to the terminal: libtest captures only print!/eprint!.
+    let _ = writeln!(
+        std::io::stderr(),
+        "PostgreSQL tests skipped: {why} (install postgresql, or set AGSYNC_TEST_POSTGRES_URL)"
+    );
+    std::process::exit(0);
+}
+
+fn start() -> Result<Cluster, String> {
+    if let Ok(url) = std::env::var("AGSYNC_TEST_POSTGRES_URL") {
+        let (base, _) = url
+            .rsplit_once('/')
+            .ok_or("AGSYNC_TEST_POSTGRES_URL has no /database")?;
+        return Ok(Cluster {
+            admin_url: url.clone(),
+            url_template: format!("{base}/{{db}}"),
+        });
+    }
+    let bin = pg_bin().ok_or("no initdb found under /usr/lib/postgresql/*/bin or on PATH")?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "starting a throwaway cluster needs root (to run it as the postgres user)".into(),
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("agsync-pg-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    let data = dir.join("data");
+    run("chown", &["postgres:", dir.to_str().unwrap()])?;
+    run("chmod", &["700", dir.to_str().unwrap()])?;
+    as_postgres(
+        &bin.join("initdb"),
+        &[
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+    )?;
+    let port = free_port();
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500 -c shared_buffers=64MB",
+        dir.display()
+    );
+    as_postgres(
+        &bin.join("pg_ctl"),
+        &[
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &options,
+            "-l",
+            dir.join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ],
+    )?;
+    DATA_DIR.get_or_init(|| (bin.clone(), dir.clone()));
+    // SAFETY: registers a plain extern "C" fn.
+    unsafe { libc::atexit(stop_cluster) };
+    Ok(Cluster {
+        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        url_template: format!("postgres://postgres@127.0.0.1:{port}/{{db}}"),
+    })
+}
+
+/// The directory of the newest installed PostgreSQL's binaries.
+pub fn pg_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+extern "C" fn stop_cluster() {
+    if let Some((bin, dir)) = DATA_DIR.get() {
+        let _ = as_postgres(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                dir.join("data").to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The test cluster's `pg_ctl` command line, for tests that restart it.
+pub fn restart_cluster() {
+    let (bin, dir) = DATA_DIR.get().expect("the suite's own cluster is running");
+    as_postgres(
+        &bin.join("pg_ctl"),
+        &[
+            "-D",
+            dir.join("data").to_str().unwrap(),
+            "-m",
+            "fast",
+            "-w",
+            "restart",
+        ],
+    )
+    .expect("pg_ctl restart");
+}
+
+/// Whether this run owns its cluster (so it may restart it).
+pub fn owns_cluster() -> bool {
+    DATA_DIR.get().is_some()
+}
+
+fn as_postgres(program: &Path, args: &[&str]) -> Result<(), String> {
+    let mut full = vec!["-u", "postgres", "--", program.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run("runuser", &full)
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
