@@ -350,7 +350,8 @@ impl Subscription {
     /// The next item. Errors end the stream: `ShuttingDown` at shutdown,
     /// whatever the stream was doing (live, replaying, catching up),
     /// `SinceTooOld` if the subscriber fell behind the log's retention,
-    /// `Busy` if the log could not be read; each says where to resume.
+    /// `Busy` or `Unavailable` if the log could not be read; each says where
+    /// to resume.
     pub async fn next(&mut self) -> Result<Item> {
         let shutdown = self.shutdown.clone();
         let result = tokio::select! {
@@ -360,6 +361,10 @@ impl Subscription {
         };
         result.map_err(|e| match e {
             Error::Busy(why) => Error::Busy(format!(
+                "{why}; subscribe again with since={} to resume",
+                self.last
+            )),
+            Error::Unavailable(why) => Error::Unavailable(format!(
                 "{why}; subscribe again with since={} to resume",
                 self.last
             )),

@@ -116,15 +116,15 @@ pub async fn run(
                     Ok(()) = reachable.changed() => {
                         if *reachable.borrow_and_update() {
                             tracing::info!("the database is reachable again: SERVING");
-                            health.set_serving::<SyncServiceServer<Service>>().await;
+                            set_health(&health, true).await;
                         } else {
                             tracing::warn!("the database is unreachable: NOT_SERVING until it is back");
-                            health.set_not_serving::<SyncServiceServer<Service>>().await;
+                            set_health(&health, false).await;
                         }
                     }
                 }
             }
-            health.set_not_serving::<SyncServiceServer<Service>>().await;
+            set_health(&health, false).await;
             stop.cancel();
         })
     };
@@ -299,6 +299,23 @@ mod transport_status {
             response.extensions_mut().insert(fixed);
         }
         response
+    }
+}
+
+/// Sets the health of agsync's service and of the server as a whole (the
+/// empty service name, which load balancers and Kubernetes probes check by
+/// default) together.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    if serving {
+        health.set_serving::<SyncServiceServer<Service>>().await;
+    } else {
+        health.set_not_serving::<SyncServiceServer<Service>>().await;
     }
 }
 

@@ -162,7 +162,7 @@ impl From<sqlx::Error> for Error {
             ),
             sqlx::Error::PoolClosed => Error::Unavailable("the server is shutting down".into()),
             e if postgres::is_disconnect(&e) => Error::Unavailable(format!(
-                "the database cannot be reached ({e}); retry shortly"
+                "the database cannot be reached ({e})"
             )),
             e => Error::Storage(Box::new(e)),
         }

@@ -450,7 +450,7 @@ pub fn with_token<T>(message: T, authorization: Option<&str>) -> tonic::Request<
 #[macro_export]
 macro_rules! sqlite_only {
     () => {
-        if crate::POSTGRES {
+        if $crate::POSTGRES {
             return;
         }
     };

@@ -28,12 +28,17 @@ struct Cluster {
 }
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-static DATA_DIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+/// The suite's shared cluster, when it started one (stopped at exit).
+static SHARED: OnceLock<OwnCluster> = OnceLock::new();
 static DATABASES: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
 
 /// The URL of the PostgreSQL database standing for the SQLite file `path`
 /// (created the first time a path is seen).
 pub async fn url_for(path: &Path) -> String {
+    if let Some(url) = path.to_str().filter(|p| p.starts_with("postgres")) {
+        // Already a URL (a test with a cluster of its own).
+        return url.to_string();
+    }
     let cluster = match CLUSTER.get_or_init(start) {
         Ok(cluster) => cluster,
         Err(why) => skip(why),
@@ -67,15 +72,9 @@ pub async fn url_for(path: &Path) -> String {
     url
 }
 
-/// A database URL for a test that wants one directly (cluster tests).
-pub async fn fresh_url() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    url_for(&dir.path().join("cluster.db")).await
-}
-
 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn skip(why: &str) -> ! {
+pub fn skip(why: &str) -> ! {
     if std::env::var("AGSYNC_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
         panic!("PostgreSQL is required (AGSYNC_TEST_REQUIRE_POSTGRES=1) but unavailable: {why}");
     }
@@ -97,60 +96,170 @@ fn start() -> Result<Cluster, String> {
             url_template: format!("{base}/{{db}}"),
         });
     }
-    let bin = pg_bin().ok_or("no initdb found under /usr/lib/postgresql/*/bin or on PATH")?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(
-            "starting a throwaway cluster needs root (to run it as the postgres user)".into(),
-        );
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("agsync-pg-")
-        .tempdir()
-        .map_err(|e| e.to_string())?
-        .keep();
-    let data = dir.join("data");
-    run("chown", &["postgres:", dir.to_str().unwrap()])?;
-    run("chmod", &["700", dir.to_str().unwrap()])?;
-    as_postgres(
-        &bin.join("initdb"),
-        &[
-            "-D",
-            data.to_str().unwrap(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ],
-    )?;
-    let port = free_port();
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500 -c shared_buffers=64MB",
-        dir.display()
-    );
-    as_postgres(
-        &bin.join("pg_ctl"),
-        &[
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &options,
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-w",
-            "start",
-        ],
-    )?;
-    DATA_DIR.get_or_init(|| (bin.clone(), dir.clone()));
+    let own = OwnCluster::start()?;
+    let cluster = Cluster {
+        admin_url: own.url("postgres"),
+        url_template: own.url("{db}"),
+    };
+    SHARED.get_or_init(|| own);
     // SAFETY: registers a plain extern "C" fn.
-    unsafe { libc::atexit(stop_cluster) };
-    Ok(Cluster {
-        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        url_template: format!("postgres://postgres@127.0.0.1:{port}/{{db}}"),
-    })
+    unsafe { libc::atexit(stop_shared) };
+    Ok(cluster)
+}
+
+/// A throwaway cluster run as the `postgres` user in a temp dir, on a free
+/// 127.0.0.1 port; stopped and removed when dropped.
+pub struct OwnCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnCluster {
+    pub fn start() -> Result<OwnCluster, String> {
+        let bin = pg_bin().ok_or("no initdb found under /usr/lib/postgresql/*/bin")?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "starting a throwaway cluster needs root (to run it as the postgres user)".into(),
+            );
+        }
+        reap_abandoned(&bin);
+        let dir = tempfile::Builder::new()
+            .prefix("agsync-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?
+            .keep();
+        let cluster = OwnCluster {
+            bin,
+            dir,
+            port: free_port(),
+        };
+        std::fs::write(cluster.dir.join("owner"), std::process::id().to_string())
+            .map_err(|e| e.to_string())?;
+        run("chown", &["postgres:", &cluster.path("")])?;
+        run("chmod", &["700", &cluster.path("")])?;
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &cluster.path("data"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        )?;
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500 -c shared_buffers=64MB",
+            cluster.port,
+            cluster.dir.display()
+        );
+        cluster.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &cluster.path("data"),
+                "-o",
+                &options,
+                "-l",
+                &cluster.path("log"),
+                "-w",
+                "start",
+            ],
+        )?;
+        Ok(cluster)
+    }
+
+    /// The URL of `database` on this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// `pg_ctl restart -m fast`. The server's output goes to the log file:
+    /// on a pipe, `output()` would wait for ever.
+    pub fn restart(&self) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.path("data"),
+                "-m",
+                "fast",
+                "-l",
+                &self.path("log"),
+                "-w",
+                "restart",
+            ],
+        )
+        .expect("pg_ctl restart");
+    }
+
+    fn stop(&self) {
+        let _ = self.pg(
+            "pg_ctl",
+            &["-D", &self.path("data"), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        as_postgres(&self.bin.join(program), args)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+extern "C" fn stop_shared() {
+    if let Some(cluster) = SHARED.get() {
+        cluster.stop();
+    }
+}
+
+/// Stops and removes the clusters of earlier test processes that died
+/// before their exit hook ran (a killed or timed-out `cargo test`).
+fn reap_abandoned(bin: &Path) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for dir in entries.filter_map(Result::ok).map(|e| e.path()) {
+        let is_ours = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("agsync-pg-"));
+        let Some(owner) = is_ours
+            .then(|| std::fs::read_to_string(dir.join("owner")).ok())
+            .flatten()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        let _ = as_postgres(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                dir.join("data").to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The directory of the newest installed PostgreSQL's binaries.
@@ -166,44 +275,6 @@ pub fn pg_bin() -> Option<PathBuf> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, bin)| bin)
-}
-
-extern "C" fn stop_cluster() {
-    if let Some((bin, dir)) = DATA_DIR.get() {
-        let _ = as_postgres(
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                dir.join("data").to_str().unwrap_or(""),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-/// The test cluster's `pg_ctl` command line, for tests that restart it.
-pub fn restart_cluster() {
-    let (bin, dir) = DATA_DIR.get().expect("the suite's own cluster is running");
-    as_postgres(
-        &bin.join("pg_ctl"),
-        &[
-            "-D",
-            dir.join("data").to_str().unwrap(),
-            "-m",
-            "fast",
-            "-w",
-            "restart",
-        ],
-    )
-    .expect("pg_ctl restart");
-}
-
-/// Whether this run owns its cluster (so it may restart it).
-pub fn owns_cluster() -> bool {
-    DATA_DIR.get().is_some()
 }
 
 fn as_postgres(program: &Path, args: &[&str]) -> Result<(), String> {

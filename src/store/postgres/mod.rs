@@ -13,7 +13,12 @@
 //!   directly and the other nodes with a coalesced `NOTIFY` (a hint only,
 //!   sent outside the write transaction); a tailer also polls every
 //!   `--pg-poll-interval-ms`, so a lost hint costs latency, never an event.
-//! - Reachability: the tailer's reads double as a health probe.
+//! - Reachability (`Link`): the tailer reads on a connection of its own,
+//!   which doubles as a health probe; any task that finds PostgreSQL gone
+//!   marks the link down. While it is down, health says NOT_SERVING and
+//!   calls fail at once with UNAVAILABLE instead of queueing for a
+//!   connection that cannot come; the tailer's next successful read brings
+//!   it back up.
 
 mod tail;
 mod writer;
@@ -52,9 +57,73 @@ pub(super) fn is_disconnect(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The read side: a pool shared with the writer and the tailer.
+/// Whether PostgreSQL answers, as last seen by any of the node's tasks.
+#[derive(Clone)]
+pub(super) struct Link {
+    up: Arc<watch::Sender<bool>>,
+    /// Wakes the tailer, whose read probes PostgreSQL again.
+    probe: Arc<Notify>,
+    /// host:port/database, for messages (never the password).
+    target: Arc<str>,
+}
+
+impl Link {
+    /// `Unavailable` at once while PostgreSQL is known to be down.
+    fn check(&self) -> Result<()> {
+        if *self.up.borrow() {
+            Ok(())
+        } else {
+            Err(self.down())
+        }
+    }
+
+    fn down(&self) -> Error {
+        Error::Unavailable(format!(
+            "PostgreSQL at {} cannot be reached; the call was not attempted, nothing was applied",
+            self.target
+        ))
+    }
+
+    /// Records what a call's outcome says about PostgreSQL: a lost
+    /// connection marks the link down (and has the tailer probe it); a pool
+    /// timeout while it is down is that, not overload.
+    fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        match result {
+            Err(Error::Unavailable(why)) => {
+                self.set(false, &why);
+                Err(Error::Unavailable(why))
+            }
+            Err(Error::Busy(_)) if !*self.up.borrow() => Err(self.down()),
+            result => result,
+        }
+    }
+
+    /// Sets the link up or down; logs and wakes the tailer on a change.
+    fn set(&self, up: bool, why: &str) {
+        if self
+            .up
+            .send_if_modified(|now| std::mem::replace(now, up) != up)
+        {
+            if up {
+                tracing::info!(postgres = %self.target, "PostgreSQL is reachable again");
+            } else {
+                tracing::error!(postgres = %self.target, error = why, "PostgreSQL is unreachable: calls fail with UNAVAILABLE until it is back");
+                self.probe.notify_one();
+            }
+        }
+    }
+
+    /// Runs a call unless the link is down, and observes its outcome.
+    async fn guard<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        self.check()?;
+        self.observe(call.await)
+    }
+}
+
+/// The read side: a pool shared with the writer.
 pub(super) struct Reads {
     pool: PgPool,
+    link: Link,
 }
 
 /// Connects, migrates (sqlx takes an advisory lock, so nodes starting at
@@ -85,7 +154,7 @@ pub(super) async fn open(
         // The listener keeps one connection; the writer and readers share the rest.
         .max_connections(options.pg_pool_size.max(2) + 1)
         .acquire_timeout(options.read_acquire_timeout)
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await
         .map_err(unreachable)?;
     sqlx::migrate!("./migrations/postgres")
@@ -102,6 +171,11 @@ pub(super) async fn open(
     let (reachable_tx, reachable) = watch::channel(true);
     let (published_tx, published) = watch::channel(last_seq);
     let wake_local = Arc::new(Notify::new());
+    let link = Link {
+        up: Arc::new(reachable_tx),
+        probe: wake_local.clone(),
+        target: target.into(),
+    };
     let wake_others = Arc::new(Notify::new());
     let writer = writer::Writer::new(
         pool.clone(),
@@ -112,12 +186,13 @@ pub(super) async fn open(
         wake_local.clone(),
         wake_others.clone(),
         published,
+        link.clone(),
     );
     let tailer = tail::Tailer {
-        pool: pool.clone(),
+        connect,
         publish: wiring.publish,
         published: published_tx,
-        reachable: reachable_tx,
+        link: link.clone(),
         wake: wake_local.clone(),
         poll_every: options.pg_poll_interval.max(Duration::from_millis(1)),
         closed: closed.clone(),
@@ -141,7 +216,7 @@ pub(super) async fn open(
         ),
     ];
     Ok(super::Opened {
-        reads: super::Reads::Postgres(Reads { pool }),
+        reads: super::Reads::Postgres(Reads { pool, link }),
         tasks,
         reachable,
     })
@@ -177,7 +252,9 @@ impl Reads {
     }
 
     pub(super) async fn last_seq(&self) -> Result<u64> {
-        Ok(read_counters(&self.pool).await?.0)
+        self.link
+            .guard(async move { Ok(read_counters(&self.pool).await?.0) })
+            .await
     }
 
     pub(super) async fn changes(
@@ -188,41 +265,44 @@ impl Reads {
         include_docs: bool,
         mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
     ) -> Result<ChangesPage> {
-        let mut tx = self.snapshot().await?;
-        let (db_id, created_seq): (i64, i64) =
-            sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = $1")
-                .bind(database.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-        {
-            let mut rows = sqlx::query(
-                "SELECT id, rev, seq, deleted, CASE WHEN $4 AND NOT deleted THEN body END AS body
-                 FROM docs WHERE db_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            )
-            .bind(db_id)
-            .bind(to_i64(since))
-            .bind(i64::from(limit))
-            .bind(include_docs)
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let body: Option<&str> = row.try_get("body")?;
-                let change = Change {
-                    id: DocId::parse("stored id", row.try_get("id")?)?,
-                    rev: parse_stored_rev(row.try_get("rev")?)?,
-                    seq: to_u64(row.try_get("seq")?),
-                    deleted: row.try_get("deleted")?,
-                    body: body.map(Body::from_canonical_json).transpose()?,
-                };
-                if take(change)?.is_break() {
-                    break;
+        self.link.guard(async move {
+            let mut tx = self.snapshot().await?;
+            let (db_id, created_seq): (i64, i64) =
+                sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = $1")
+                    .bind(database.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+            {
+                let mut rows = sqlx::query(
+                    "SELECT id, rev, seq, deleted, CASE WHEN $4 AND NOT deleted THEN body END AS body
+                     FROM docs WHERE db_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(db_id)
+                .bind(to_i64(since))
+                .bind(i64::from(limit))
+                .bind(include_docs)
+                .fetch(&mut *tx);
+                while let Some(row) = rows.try_next().await? {
+                    let body: Option<&str> = row.try_get("body")?;
+                    let change = Change {
+                        id: DocId::parse("stored id", row.try_get("id")?)?,
+                        rev: parse_stored_rev(row.try_get("rev")?)?,
+                        seq: to_u64(row.try_get("seq")?),
+                        deleted: row.try_get("deleted")?,
+                        body: body.map(Body::from_canonical_json).transpose()?,
+                    };
+                    if take(change)?.is_break() {
+                        break;
+                    }
                 }
             }
-        }
-        tx.commit().await?;
-        Ok(ChangesPage {
-            created_seq: to_u64(created_seq),
+            tx.commit().await?;
+            Ok(ChangesPage {
+                created_seq: to_u64(created_seq),
+            })
         })
+        .await
     }
 
     pub(super) async fn read_events(
@@ -232,69 +312,80 @@ impl Reads {
         limit: u32,
         max_bytes: usize,
     ) -> Result<EventPage> {
-        let mut tx = self.snapshot().await?;
-        let (head, pruned_through) = read_counters(&mut *tx).await?;
-        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        let mut events = Vec::new();
-        {
-            let mut rows = sqlx::query(
-                "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
-                 FROM events WHERE seq > $1 AND sync_key = ANY($2) ORDER BY seq LIMIT $3",
-            )
-            .bind(to_i64(after))
-            .bind(&keys)
-            .bind(i64::from(limit))
-            .fetch(&mut *tx);
-            let mut bytes = 0;
-            while let Some(row) = rows.try_next().await? {
-                let event = event_from_row(&row)?;
-                bytes += event.approx_bytes();
-                events.push(event);
-                if bytes >= max_bytes {
-                    break;
+        self.link
+            .guard(async move {
+                let mut tx = self.snapshot().await?;
+                let (head, pruned_through) = read_counters(&mut *tx).await?;
+                let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                let mut events = Vec::new();
+                {
+                    let mut rows = sqlx::query(
+                        "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
+                     FROM events WHERE seq > $1 AND sync_key = ANY($2) ORDER BY seq LIMIT $3",
+                    )
+                    .bind(to_i64(after))
+                    .bind(&keys)
+                    .bind(i64::from(limit))
+                    .fetch(&mut *tx);
+                    let mut bytes = 0;
+                    while let Some(row) = rows.try_next().await? {
+                        let event = event_from_row(&row)?;
+                        bytes += event.approx_bytes();
+                        events.push(event);
+                        if bytes >= max_bytes {
+                            break;
+                        }
+                    }
                 }
-            }
-        }
-        tx.commit().await?;
-        Ok(EventPage {
-            events,
-            head,
-            pruned_through,
-        })
+                tx.commit().await?;
+                Ok(EventPage {
+                    events,
+                    head,
+                    pruned_through,
+                })
+            })
+            .await
     }
 
     pub(super) async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
-        let rows = sqlx::query(
-            "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(database_from_row).collect()
+        self.link.guard(async move {
+            let rows = sqlx::query(
+                "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(database_from_row).collect()
+        })
+        .await
     }
 
     pub(super) async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
-        let row = sqlx::query(
-            "SELECT db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM databases db \
-             LEFT JOIN docs d ON d.db_id = db.id AND d.id = $2 WHERE db.name = $1",
-        )
-        .bind(database.as_str())
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-        let rev: Option<&str> = row.try_get("rev")?;
-        let deleted: Option<bool> = row.try_get("deleted")?;
-        match (rev, deleted) {
-            (Some(rev), Some(false)) => Ok(Document {
-                id: id.clone(),
-                rev: parse_stored_rev(rev)?,
-                body: Body::from_canonical_json(row.try_get("body")?)?,
-                seq: to_u64(row.try_get("seq")?),
-            }),
-            _ => Err(Error::DocumentNotFound {
-                database: database.to_string(),
-                id: id.to_string(),
-            }),
-        }
+        self.link
+            .guard(async move {
+                let row = sqlx::query(
+                    "SELECT db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM databases db \
+                 LEFT JOIN docs d ON d.db_id = db.id AND d.id = $2 WHERE db.name = $1",
+                )
+                .bind(database.as_str())
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+                let rev: Option<&str> = row.try_get("rev")?;
+                let deleted: Option<bool> = row.try_get("deleted")?;
+                match (rev, deleted) {
+                    (Some(rev), Some(false)) => Ok(Document {
+                        id: id.clone(),
+                        rev: parse_stored_rev(rev)?,
+                        body: Body::from_canonical_json(row.try_get("body")?)?,
+                        seq: to_u64(row.try_get("seq")?),
+                    }),
+                    _ => Err(Error::DocumentNotFound {
+                        database: database.to_string(),
+                        id: id.to_string(),
+                    }),
+                }
+            })
+            .await
     }
 }

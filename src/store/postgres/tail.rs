@@ -11,25 +11,32 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::super::{Publisher, event_from_row, to_i64};
-use super::CHANNEL;
-use crate::domain::Result;
+use super::{CHANNEL, Link};
+use crate::domain::{Error, Result};
 
 /// Events read per query.
 const PAGE: i64 = 1000;
 /// How long the tailer waits before retrying after PostgreSQL failed.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How long the tailer waits for a connection before it calls PostgreSQL
+/// unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Reads on a connection of its own, not the pool's: a pool full of busy
+/// requests does not delay notifications, and a failed read or connect
+/// means PostgreSQL is unreachable, not that the node is busy.
 pub(super) struct Tailer {
-    pub pool: PgPool,
+    pub connect: PgConnectOptions,
     pub publish: Publisher,
     pub published: watch::Sender<u64>,
-    /// Whether the last read of the log succeeded (health).
-    pub reachable: watch::Sender<bool>,
+    /// Set up after each successful read, down after a failed one.
+    pub link: Link,
     pub wake: Arc<Notify>,
     pub poll_every: Duration,
     pub closed: CancellationToken,
@@ -37,11 +44,15 @@ pub(super) struct Tailer {
 
 impl Tailer {
     pub(super) async fn run(self, mut last: u64) -> Result<()> {
+        let mut conn = None;
         loop {
-            match self.read_after(last).await {
+            let read = tokio::select! {
+                () = self.closed.cancelled() => return Ok(()),
+                read = self.read_after(&mut conn, last) => read,
+            };
+            match read {
                 Ok((new_last, full)) => {
-                    self.reachable
-                        .send_if_modified(|r| !std::mem::replace(r, true));
+                    self.link.set(true, "");
                     last = new_last;
                     if full {
                         continue;
@@ -53,12 +64,11 @@ impl Tailer {
                     }
                 }
                 Err(e) => {
-                    if self
-                        .reachable
-                        .send_if_modified(|r| std::mem::replace(r, false))
-                    {
-                        tracing::error!(error = %e, "PostgreSQL is unreachable; notifications resume when it is back");
+                    // A broken or unknown connection is never reused.
+                    if let Some(conn) = conn.take() {
+                        let _ = tokio::time::timeout(RETRY_AFTER, conn.close_hard()).await;
                     }
+                    self.link.set(false, &e.to_string());
                     tokio::select! {
                         () = self.closed.cancelled() => return Ok(()),
                         () = tokio::time::sleep(RETRY_AFTER) => {}
@@ -68,16 +78,28 @@ impl Tailer {
         }
     }
 
-    /// Publishes the events after `last`, one page; returns the new last
-    /// seq and whether the page was full (more may be waiting).
-    async fn read_after(&self, last: u64) -> Result<(u64, bool)> {
+    /// Publishes the events after `last`, one page, connecting first if
+    /// `conn` is None; returns the new last seq and whether the page was
+    /// full (more may be waiting).
+    async fn read_after(&self, conn: &mut Option<PgConnection>, last: u64) -> Result<(u64, bool)> {
+        let conn = match conn {
+            Some(conn) => conn,
+            None => {
+                let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect.connect())
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}"))
+                    })??;
+                conn.insert(connected)
+            }
+        };
         let rows = sqlx::query(
             "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
              FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(to_i64(last))
         .bind(PAGE)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         let full = rows.len() as i64 == PAGE;
         let events = rows

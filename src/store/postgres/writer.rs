@@ -27,6 +27,7 @@ use super::super::batch::{
     attributes_json,
 };
 use super::super::{parse_stored_rev, to_i64, to_u64};
+use super::Link;
 use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
 
 /// How long replies wait for the tailer before they are sent anyway (the
@@ -42,6 +43,7 @@ pub(super) struct Writer {
     wake_others: Arc<Notify>,
     /// The highest seq this node's tailer has published.
     published: watch::Receiver<u64>,
+    link: Link,
 }
 
 impl Writer {
@@ -51,6 +53,7 @@ impl Writer {
         wake_local: Arc<Notify>,
         wake_others: Arc<Notify>,
         published: watch::Receiver<u64>,
+        link: Link,
     ) -> Self {
         Writer {
             pool,
@@ -58,6 +61,7 @@ impl Writer {
             wake_local,
             wake_others,
             published,
+            link,
         }
     }
 
@@ -136,18 +140,22 @@ impl Engine for Writer {
         let (ops, replies, permits) = batch::unzip(queued);
         let mut events = Vec::new();
         let started = std::time::Instant::now();
-        let outcome = match self.pool.acquire().await {
-            Ok(mut conn) => {
+        // Whether this batch reached PostgreSQL at all (if not, nothing of
+        // it can have been committed).
+        let attempted = self.link.check().is_ok();
+        let link = self.link.clone();
+        let outcome = link
+            .guard(async {
+                let mut conn = self.pool.acquire().await?;
                 let result = self.transact(&mut conn, ops, &mut events).await;
                 if result.is_err() {
                     // Its transaction is unfinished or its state unknown:
                     // closing it rolls back; it is never handed on.
-                    let _ = conn.detach().close().await;
+                    let _ = conn.detach().close_hard().await;
                 }
                 result
-            }
-            Err(e) => Err(e.into()),
-        };
+            })
+            .await;
         let took = started.elapsed();
         if took > Duration::from_millis(500) {
             tracing::warn!(
@@ -181,14 +189,15 @@ impl Engine for Writer {
             Err(e) => {
                 let unreachable = matches!(e, Error::Unavailable(_) | Error::Busy(_));
                 if unreachable {
-                    tracing::warn!(error = %e, "batch failed: PostgreSQL is unreachable");
+                    tracing::debug!(error = %e, "batch failed: PostgreSQL is unreachable");
                 } else {
                     tracing::error!(error = %e, "batch failed; it is rolled back");
                 }
                 batch::fail_all(replies, || match &e {
-                    Error::Unavailable(m) => Error::Unavailable(format!(
+                    Error::Unavailable(m) if attempted => Error::Unavailable(format!(
                         "{m}; nothing of this request was applied, or it was committed just as the connection broke: read before retrying a create"
                     )),
+                    Error::Unavailable(m) => Error::Unavailable(m.clone()),
                     Error::Busy(m) => Error::Busy(m.clone()),
                     _ => Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
