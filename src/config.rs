@@ -63,8 +63,9 @@ pub struct Config {
     #[arg(long, env = "AGSYNC_DB", default_value = "./agsync.db")]
     pub db: PathBuf,
 
-    /// PostgreSQL only: connections each node opens for reads and its
-    /// writer (plus one for the notification listener).
+    /// PostgreSQL only: connections each node opens for requests and its
+    /// writer; a node opens at most this plus 2 (the LISTEN connection and
+    /// the event tailer's).
     #[arg(long, default_value_t = 8)]
     pub pg_pool_size: u32,
 

@@ -71,6 +71,13 @@ enum Cmd {
         /// its filesystem matters for fsync-bound workloads).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// A PostgreSQL server the bench may create databases on (e.g. the
+        /// URL `scripts/pg-throwaway start` prints). Adds two servers to
+        /// each run: one agsync node on PostgreSQL ("agsync-pg"), and two
+        /// nodes on one database with the clients split over both
+        /// ("agsync-pg2"); each gets a fresh database, dropped after.
+        #[arg(long)]
+        postgres: Option<String>,
         #[command(flatten)]
         workload: WorkloadArgs,
     },
@@ -110,6 +117,11 @@ pub enum Workload {
     /// is the headline. Fails on a missed or repeated event, an oversized
     /// page, any real error, or `--max-rss-mb` / `--good-p99-ms` exceeded.
     Hostile,
+    /// Puts at `--rate` per second from `--clients` writers on the first
+    /// node, one subscriber on the last (with `compare --postgres`, the
+    /// other node of a pair): write→notification latency. Fails if an
+    /// acknowledged write is not delivered.
+    CrossNode,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -172,6 +184,9 @@ pub struct WorkloadArgs {
     /// Fail hostile when the well-behaved clients' p99 latency exceeds this.
     #[arg(long)]
     pub good_p99_ms: Option<f64>,
+    /// Writes per second (cross-node).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
 }
 
 #[tokio::main]
@@ -189,7 +204,7 @@ async fn main() -> std::process::ExitCode {
             server_pid,
             label,
             workload,
-        } => match workloads::run(addr, server_pid, &workload).await {
+        } => match workloads::run(&[addr], server_pid, &workload).await {
             Ok(report) => {
                 let report = Report {
                     server: label,
@@ -208,8 +223,9 @@ async fn main() -> std::process::ExitCode {
             runs,
             server_arg,
             data_dir,
+            postgres,
             workload,
-        } => match compare(runs, &server_arg, data_dir, &workload).await {
+        } => match compare(runs, &server_arg, data_dir, postgres.as_deref(), &workload).await {
             Ok(ok) => {
                 if ok {
                     std::process::ExitCode::SUCCESS
@@ -268,91 +284,212 @@ async fn spawn(program: &std::path::Path, args: &[String]) -> Result<Child, Stri
     Ok(Child { process, addr, pid })
 }
 
+/// The servers a comparison runs against, in the order of the first run.
+const SERVERS: [&str; 4] = ["agsync", "agsync-pg", "agsync-pg2", "noop"];
+
 async fn compare(
     runs: usize,
     server_args: &[String],
     data_dir: Option<PathBuf>,
+    postgres: Option<&str>,
     workload: &WorkloadArgs,
 ) -> Result<bool, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let agsync = me.with_file_name("agsync");
+    let servers: Vec<&str> = SERVERS
+        .into_iter()
+        .filter(|s| postgres.is_some() || !s.starts_with("agsync-pg"))
+        .collect();
     let mut reports: Vec<Report> = Vec::new();
     for run in 0..runs {
-        // Alternate which server goes first, so drift affects both alike.
-        let order = if run % 2 == 0 {
-            ["agsync", "noop"]
-        } else {
-            ["noop", "agsync"]
-        };
+        // Alternate the order, so drift affects every server alike.
+        let mut order = servers.clone();
+        if run % 2 == 1 {
+            order.reverse();
+        }
         for which in order {
             let dir = TempDir::new(data_dir.as_deref(), run)?;
             let db_file = dir.0.join("bench.db");
-            // wal-soak samples the files of the database this run created;
-            // the no-op server has none.
+            // wal-soak samples the files of the SQLite database this run
+            // created; the other servers have none.
             let run_args = WorkloadArgs {
                 db_file: (which == "agsync").then(|| db_file.clone()),
                 ..workload.clone()
             };
-            let mut child = if which == "agsync" {
+            let node_args = |db: &str| {
                 let mut args = vec![
                     "--listen".to_owned(),
                     "127.0.0.1:0".to_owned(),
                     "--db".to_owned(),
-                    db_file.display().to_string(),
+                    db.to_owned(),
                 ];
                 args.extend(server_args.iter().cloned());
-                spawn(&agsync, &args).await?
-            } else {
-                spawn(
-                    &me,
-                    &[
-                        "noop".to_owned(),
-                        "--listen".to_owned(),
-                        "127.0.0.1:0".to_owned(),
-                    ],
-                )
-                .await?
+                args
             };
-            let mut report = workloads::run(child.addr, Some(child.pid), &run_args).await?;
+            let mut scratch = None;
+            let children = match which {
+                "agsync" => vec![spawn(&agsync, &node_args(&db_file.display().to_string())).await?],
+                "noop" => vec![
+                    spawn(
+                        &me,
+                        &[
+                            "noop".to_owned(),
+                            "--listen".to_owned(),
+                            "127.0.0.1:0".to_owned(),
+                        ],
+                    )
+                    .await?,
+                ],
+                pg => {
+                    let admin = postgres.ok_or("no --postgres")?;
+                    let db = ScratchPg::create(admin, run, pg).await?;
+                    let nodes = if pg == "agsync-pg2" { 2 } else { 1 };
+                    let mut children = Vec::new();
+                    for _ in 0..nodes {
+                        children.push(spawn(&agsync, &node_args(&db.url)).await?);
+                    }
+                    scratch = Some(db);
+                    children
+                }
+            };
+            let addrs: Vec<SocketAddr> = children.iter().map(|c| c.addr).collect();
+            let mut report = workloads::run(&addrs, Some(children[0].pid), &run_args).await?;
             report.server = which.to_owned();
             report.run = run;
             println!("{}", report.json());
             reports.push(report);
-            let _ = child.process.kill().await;
+            for mut child in children {
+                let _ = child.process.kill().await;
+            }
+            if let Some(db) = scratch {
+                db.drop_database().await?;
+            }
         }
     }
-    let agsync_runs: Vec<&Report> = reports.iter().filter(|r| r.server == "agsync").collect();
-    let noop_runs: Vec<&Report> = reports.iter().filter(|r| r.server == "noop").collect();
-    let a = Report::median(&agsync_runs);
-    let n = Report::median(&noop_runs);
-    print_table(&[&a, &n]);
+    let medians: Vec<Report> = servers
+        .iter()
+        .map(|s| {
+            let of: Vec<&Report> = reports.iter().filter(|r| r.server == *s).collect();
+            Report::median(&of)
+        })
+        .collect();
+    print_table(&medians.iter().collect::<Vec<_>>());
+    let median = |server: &str| {
+        medians
+            .iter()
+            .find(|r| r.server == server)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (a, n) = (median("agsync"), median("noop"));
     let throughput_workload = !matches!(
         workload.workload,
-        Workload::Fanout | Workload::Replay | Workload::Hostile
+        Workload::Fanout | Workload::Replay | Workload::Hostile | Workload::CrossNode
     );
-    if throughput_workload && n.ops_per_s > 0.0 {
-        println!(
-            "agsync / no-op ceiling: {:.1}% of throughput (medians of {runs} runs)",
-            100.0 * a.ops_per_s / n.ops_per_s
-        );
+    let ratio = |x: &Report, y: &Report| {
+        if throughput_workload && y.ops_per_s > 0.0 {
+            x.ops_per_s / y.ops_per_s
+        } else {
+            0.0
+        }
+    };
+    if throughput_workload {
+        for r in &medians {
+            if r.server != "noop" && n.ops_per_s > 0.0 {
+                println!(
+                    "{} / no-op ceiling: {:.1}% of throughput (medians of {runs} runs)",
+                    r.server,
+                    100.0 * ratio(r, &n)
+                );
+            }
+        }
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "summary": workload.workload_name(),
-            "agsync_ops_per_s": a.ops_per_s,
-            "noop_ops_per_s": n.ops_per_s,
-            "ratio": if throughput_workload && n.ops_per_s > 0.0 { a.ops_per_s / n.ops_per_s } else { 0.0 },
-            "agsync_p99_ms": a.p99_ms,
-            "noop_p99_ms": n.p99_ms,
-            "runs": runs,
-        })
-    );
-    let failures: Vec<&String> = agsync_runs.iter().flat_map(|r| &r.failed).collect();
+    let mut summary = serde_json::json!({
+        "summary": workload.workload_name(),
+        "agsync_ops_per_s": a.ops_per_s,
+        "noop_ops_per_s": n.ops_per_s,
+        "ratio": ratio(&a, &n),
+        "agsync_p50_ms": a.p50_ms,
+        "agsync_p99_ms": a.p99_ms,
+        "noop_p99_ms": n.p99_ms,
+        "runs": runs,
+    });
+    if postgres.is_some()
+        && let Some(obj) = summary.as_object_mut()
+    {
+        for (key, server) in [("pg", "agsync-pg"), ("pg2", "agsync-pg2")] {
+            let r = median(server);
+            obj.insert(format!("{key}_ops_per_s"), r.ops_per_s.into());
+            obj.insert(format!("{key}_p50_ms"), r.p50_ms.into());
+            obj.insert(format!("{key}_p99_ms"), r.p99_ms.into());
+            obj.insert(format!("{key}_vs_sqlite"), ratio(&r, &a).into());
+        }
+    }
+    println!("{summary}");
+    let failures: Vec<&String> = reports
+        .iter()
+        .filter(|r| r.server != "noop")
+        .flat_map(|r| &r.failed)
+        .collect();
     for f in &failures {
         eprintln!("FAILED: {f}");
     }
     Ok(failures.is_empty())
+}
+
+/// A fresh PostgreSQL database for one run, created through `admin` (a URL
+/// of any database on the server) and dropped after.
+struct ScratchPg {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchPg {
+    async fn create(admin: &str, run: usize, server: &str) -> Result<ScratchPg, String> {
+        use sqlx::Connection;
+        let name = format!(
+            "agsync_bench_{}_{run}_{}",
+            std::process::id(),
+            server.replace('-', "_")
+        );
+        let mut conn = sqlx::PgConnection::connect(admin)
+            .await
+            .map_err(|e| format!("cannot connect to --postgres: {e}"))?;
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .map_err(|e| format!("cannot create database {name}: {e}"))?;
+        let _ = conn.close().await;
+        // The same server and parameters, another database.
+        let (base, query) = admin
+            .split_once('?')
+            .map_or((admin, None), |(b, q)| (b, Some(q)));
+        let (server_part, _) = base.rsplit_once('/').ok_or("--postgres has no /database")?;
+        let url = match query {
+            Some(q) => format!("{server_part}/{name}?{q}"),
+            None => format!("{server_part}/{name}"),
+        };
+        Ok(ScratchPg {
+            admin: admin.to_owned(),
+            url,
+            name,
+        })
+    }
+
+    async fn drop_database(self) -> Result<(), String> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.admin)
+            .await
+            .map_err(|e| format!("cannot connect to --postgres: {e}"))?;
+        sqlx::Executor::execute(
+            &mut conn,
+            format!("DROP DATABASE {} WITH (FORCE)", self.name).as_str(),
+        )
+        .await
+        .map_err(|e| format!("cannot drop database {}: {e}", self.name))?;
+        let _ = conn.close().await;
+        Ok(())
+    }
 }
 
 /// A scratch directory for one server's database, removed on drop.
@@ -408,7 +545,7 @@ impl WorkloadArgs {
 
 fn print_table(reports: &[&Report]) {
     println!(
-        "{:<8} {:<10} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>10}",
+        "{:<10} {:<10} {:>7} {:>12} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>10}",
         "server",
         "workload",
         "clients",
@@ -423,7 +560,7 @@ fn print_table(reports: &[&Report]) {
     );
     for r in reports {
         println!(
-            "{:<8} {:<10} {:>7} {:>12} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>9} {:>10.1}",
+            "{:<10} {:<10} {:>7} {:>12} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>9} {:>10.1}",
             r.server,
             r.workload,
             r.clients,

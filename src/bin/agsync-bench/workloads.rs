@@ -449,12 +449,19 @@ pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
+/// Runs the workload against the nodes `addrs` (one, or several serving
+/// one data set): the clients' connections are spread round-robin over
+/// them; the workloads that open extra streams open them on the first.
 pub async fn run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     pid: Option<u32>,
     args: &WorkloadArgs,
 ) -> Result<Report, String> {
-    let channels = connections(addr, args.connections).await?;
+    let addr = *addrs.first().ok_or("no server address")?;
+    let mut channels = Vec::new();
+    for i in 0..args.connections.max(addrs.len()) {
+        channels.extend(connections(addrs[i % addrs.len()], 1).await?);
+    }
     let all = clients(&channels, args.clients.max(1));
     let duration = Duration::from_secs_f64(args.duration_secs);
     let mut admin = all[0].clone();
@@ -558,6 +565,7 @@ pub async fn run(
         Workload::Soak => soak(addr, args, pid, &channels, all, duration).await?,
         Workload::WalSoak => crate::walsoak::run(args, pid, &channels, duration).await?,
         Workload::Hostile => crate::hostile::run(addr, args, pid, &channels, all, duration).await?,
+        Workload::CrossNode => cross_node(addrs, args, pid, duration).await?,
     };
     report.workload = args.workload_name();
     report.rss_end_kb = rss_kb(pid);
@@ -823,6 +831,119 @@ async fn fanout(
                 "fanout delivered {delivered} of {expected} notifications"
             ));
         }
+    }
+    Ok(r)
+}
+
+/// Puts at a fixed `--rate` from `--clients` writers on the first node, and
+/// one subscriber on the last node (the other node when there are two):
+/// latency from just before each Put to the subscriber's receipt of its
+/// notification. Open loop: the writes keep their schedule whatever the
+/// latency, up to `--clients` in flight.
+async fn cross_node(
+    addrs: &[SocketAddr],
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    duration: Duration,
+) -> Result<Report, String> {
+    let listener = connections(*addrs.last().ok_or("no server address")?, 1).await?;
+    let streams = open_subscribers(&listener, "bench.key", 1).await?;
+    let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
+    let (last_tx, receivers) = spawn_readers(streams, deadline, Vec::new, |got, seq| {
+        got.push((seq, Instant::now()));
+    });
+    let in_flight = args.clients.max(1);
+    let writers = clients(&connections(addrs[0], args.connections).await?, in_flight);
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    // (seq, just before the Put, its round trip)
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<(u64, Instant, u32)>::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rate = args.rate.max(1);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let rss = rss_kb(pid);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < duration {
+        ticker.tick().await;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut c = writers[n as usize % writers.len()].clone();
+        let (sent, errors) = (sent.clone(), errors.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            match c
+                .put(put_request("bench", format!("x{n}"), String::new(), n))
+                .await
+            {
+                Ok(r) => {
+                    let round_trip = micros(t.elapsed());
+                    sent.lock()
+                        .unwrap()
+                        .push((r.into_inner().seq, t, round_trip));
+                }
+                Err(_) => {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        n += 1;
+    }
+    let writing = start.elapsed();
+    let _all_done = permits
+        .acquire_many(u32::try_from(in_flight).unwrap_or(u32::MAX))
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent: HashMap<u64, (Instant, u32)> = std::mem::take(&mut *sent.lock().unwrap())
+        .into_iter()
+        .map(|(seq, t, round_trip)| (seq, (t, round_trip)))
+        .collect();
+    let _ = last_tx.send(sent.keys().copied().max().unwrap_or(0));
+    let mut latencies = Vec::new();
+    for r in receivers {
+        for (seq, at) in r.await.map_err(|e| e.to_string())? {
+            if let Some((t0, _)) = sent.get(&seq) {
+                latencies.push(micros(at.duration_since(*t0)));
+            }
+        }
+    }
+    let delivered = latencies.len() as u64;
+    // The no-op server delivers nothing: its figure is the Put round trip.
+    let is_noop = !sent.is_empty() && delivered == 0;
+    let put_latencies = sent.values().map(|(_, round_trip)| *round_trip).collect();
+    let totals = Totals {
+        latencies_us: if is_noop { put_latencies } else { latencies },
+        ops: if is_noop {
+            sent.len() as u64
+        } else {
+            delivered
+        },
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    };
+    let mut r = totals.into_report(args, writing);
+    r.rss_start_kb = rss;
+    let achieved = sent.len() as f64 / writing.as_secs_f64();
+    r.insert_extra([
+        ("nodes", serde_json::Value::from(addrs.len())),
+        ("target_writes_per_s", rate.into()),
+        ("writes_per_s", ((achieved * 10.0).round() / 10.0).into()),
+        ("delivered", delivered.into()),
+        ("acknowledged", (sent.len() as u64).into()),
+    ]);
+    r.notes.push(format!(
+        "{achieved:.0} writes/s (target {rate}) on node 1, subscriber on node {}; latency from before the Put to receipt",
+        addrs.len()
+    ));
+    if !is_noop && delivered != sent.len() as u64 {
+        r.failed.push(format!(
+            "cross-node delivered {delivered} of {} acknowledged writes",
+            sent.len()
+        ));
     }
     Ok(r)
 }

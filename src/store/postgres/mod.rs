@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{Notify, watch};
 
 use super::batch::Retention;
@@ -137,7 +137,11 @@ pub(super) async fn open(
     let connect = PgConnectOptions::from_str(url)
         .map_err(|e| Error::Config(format!("--db is not a valid PostgreSQL URL: {e}")))?
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500))
+        // Plan each execution for its arguments: a generic plan cached while
+        // a table was small (a new database) keeps scanning it sequentially
+        // as it grows (seen: Puts of new documents slowing down steadily).
+        .options([("plan_cache_mode", "force_custom_plan")]);
     // Never the password: host, port and database only.
     let target = format!(
         "{}:{}/{}",
@@ -150,6 +154,19 @@ pub(super) async fn open(
             "cannot connect to PostgreSQL at {target}: {e}; check that it runs and that --db is right"
         ))
     };
+    // One connection first, for the real reason if it fails (the pool
+    // would retry a refused connection until its timeout and then only
+    // say it timed out).
+    let probe = tokio::time::timeout(options.read_acquire_timeout, connect.connect())
+        .await
+        .map_err(|_| {
+            Error::Config(format!(
+                "cannot connect to PostgreSQL at {target}: no answer within {:?}; check that it runs and that --db is right",
+                options.read_acquire_timeout
+            ))
+        })?
+        .map_err(unreachable)?;
+    let _ = probe.close().await;
     let pool = PgPoolOptions::new()
         // The listener keeps one connection; the writer and readers share the rest.
         .max_connections(options.pg_pool_size.max(2) + 1)
