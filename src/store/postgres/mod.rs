@@ -137,11 +137,7 @@ pub(super) async fn open(
     let connect = PgConnectOptions::from_str(url)
         .map_err(|e| Error::Config(format!("--db is not a valid PostgreSQL URL: {e}")))?
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500))
-        // Plan each execution for its arguments: a generic plan cached while
-        // a table was small (a new database) keeps scanning it sequentially
-        // as it grows (seen: Puts of new documents slowing down steadily).
-        .options([("plan_cache_mode", "force_custom_plan")]);
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
     // Never the password: host, port and database only.
     let target = format!(
         "{}:{}/{}",

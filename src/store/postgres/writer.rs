@@ -233,6 +233,11 @@ impl Tx for PgConnection {
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let rows =
             sqlx::query("SELECT id, rev, deleted, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
+                // Planned for its arguments each time (once per batch): a
+                // generic plan cached while a new database's table was
+                // empty kept scanning it whole as it grew (create-64 fell
+                // from 3.6k to 2.1k writes/s within 12 s).
+                .persistent(false)
                 .bind(db_id)
                 .bind(&ids)
                 .fetch_all(&mut *self)
@@ -256,6 +261,8 @@ impl Tx for PgConnection {
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let rows =
             sqlx::query("SELECT id, rev, body, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
+                // Planned per batch, as in `doc_states`.
+                .persistent(false)
                 .bind(db_id)
                 .bind(&ids)
                 .fetch_all(&mut *self)
