@@ -219,6 +219,14 @@ pub struct Config {
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Let web pages served from ORIGIN (`scheme://host[:port]`, as the
+    /// browser sends it) call agsync through gRPC-Web; repeat it for several
+    /// origins, or give `*` for any. Default: none, so no page of another
+    /// origin can call agsync. gRPC-Web itself is always served, on the same
+    /// port as gRPC; see the README's "From a browser".
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN", value_parser = crate::web::parse_origin)]
+    pub cors_allow_origin: Vec<String>,
+
     /// Most open Subscribe streams in total; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 20_000)]
     pub max_subscribers: usize,

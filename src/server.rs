@@ -89,6 +89,7 @@ pub async fn run(
         durability = ?config.durability,
         tls = tls.is_some(),
         auth = config.auth.is_some(),
+        cors_allow_origin = ?config.cors_allow_origin,
         version = env!("CARGO_PKG_VERSION"),
         "agsync listening"
     );
@@ -135,7 +136,14 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| Error::Config(format!("invalid TLS configuration: {e}")))?;
     }
+    // gRPC-Web (HTTP/1.1 too) for browsers on the same port; see `web`.
+    let origins = crate::web::Origins::from_flags(&config.cors_allow_origin);
     let serve = builder
+        .accept_http1(true)
+        .layer(crate::web::OriginGateLayer::new(origins.clone()))
+        .layer(tower::util::option_layer(origins.cors()))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(crate::web::TrailersFrameLayer)
         .layer(tower::util::MapResponseLayer::new(
             transport_status::standard_codes,
         ))

@@ -17,3 +17,4 @@ mod limits;
 mod security;
 mod server;
 mod sync;
+mod web;
