@@ -22,6 +22,7 @@ use crate::store::Store;
 
 /// How often idle HTTP/2 connections are pinged, and how long a ping may go
 /// unanswered before the connection is dropped: dead clients are noticed.
+/// TCP keepalive probes use the same times (three unanswered probes).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -155,8 +156,14 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            // No Nagle delay: small responses go out at once.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // No Nagle delay: small responses go out at once. TCP keepalive
+            // notices dead peers on HTTP/1.1 (gRPC-Web) connections, which
+            // have no HTTP/2 pings.
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(KEEPALIVE_INTERVAL))
+                .with_keepalive_interval(Some(KEEPALIVE_TIMEOUT))
+                .with_keepalive_retries(Some(3)),
             stop.clone().cancelled_owned(),
         );
     tokio::pin!(serve);

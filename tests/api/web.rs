@@ -19,6 +19,7 @@ use prost::Message;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -35,7 +36,8 @@ enum Conn {
 }
 
 struct Web {
-    addr: SocketAddr,
+    /// `http://ADDR` or, over TLS, `https://localhost:PORT`.
+    origin: String,
     conn: Conn,
     driver: JoinHandle<()>,
     /// `BINARY` or `TEXT`: how requests are sent and responses asked for.
@@ -59,24 +61,55 @@ impl Web {
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
-        Web::new(addr, Conn::Http1(sender), driver)
+        Web::new(format!("http://{addr}"), Conn::Http1(sender), driver)
     }
 
-    /// HTTP/2 with prior knowledge, as browsers speak it over TLS.
+    /// HTTP/2 with prior knowledge (cleartext).
     async fn http2(addr: SocketAddr) -> Web {
-        let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
-        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        let io = TcpStream::connect(addr).await.expect("connect");
+        Web::over_http2(format!("http://{addr}"), io).await
+    }
+
+    /// TLS offering HTTP/2 and HTTP/1.1 by ALPN, as a browser does; the
+    /// server must pick HTTP/2.
+    async fn tls(addr: SocketAddr, ca: CertificateDer<'static>) -> Web {
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("the test CA");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
             .await
-            .expect("HTTP/2 handshake");
+            .expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        Web::over_http2(format!("https://localhost:{}", addr.port()), tls).await
+    }
+
+    async fn over_http2<T>(origin: String, io: T) -> Web
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("HTTP/2 handshake");
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
-        Web::new(addr, Conn::Http2(sender), driver)
+        Web::new(origin, Conn::Http2(sender), driver)
     }
 
-    fn new(addr: SocketAddr, conn: Conn, driver: JoinHandle<()>) -> Web {
+    fn new(origin: String, conn: Conn, driver: JoinHandle<()>) -> Web {
         Web {
-            addr,
+            origin,
             conn,
             driver,
             encoding: BINARY,
@@ -107,10 +140,7 @@ impl Web {
         };
         let mut request = Request::builder()
             .method(Method::POST)
-            .uri(format!(
-                "http://{}/agsync.v1.SyncService/{method}",
-                self.addr
-            ))
+            .uri(format!("{}/agsync.v1.SyncService/{method}", self.origin))
             .header("content-type", self.encoding)
             .header("accept", self.encoding);
         for (name, value) in &self.headers {
@@ -678,4 +708,59 @@ async fn auth_travels_in_the_authorization_header() {
         .unary("CreateDatabase", &create_request("cars", ""))
         .await;
     assert_eq!(denied.status().code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let srv = TestServer::start_with(|c| {
+        c.tls_cert = Some(cert_path);
+        c.tls_key = Some(key_path);
+        c.cors_allow_origin = vec![APP.into()];
+    })
+    .await;
+    let mut web = Web::tls(srv.addr, cert.cert.der().clone())
+        .await
+        .text()
+        .header("origin", APP);
+    let _: pb::CreateDatabaseResponse = web
+        .unary("CreateDatabase", &create_request("cars", "cars.key"))
+        .await
+        .ok();
+    let mut stream = web
+        .call(
+            "Subscribe",
+            &pb::SubscribeRequest {
+                sync_keys: vec!["cars.key".into()],
+                since: None,
+                alias: String::new(),
+            },
+        )
+        .await;
+    assert!(matches!(
+        stream.next_event().await,
+        pb::subscribe_response::Event::Subscribed(_)
+    ));
+    // While the stream is open, a write on the same connection.
+    let put: pb::PutResponse = web
+        .unary(
+            "Put",
+            &pb::PutRequest {
+                database: "cars".into(),
+                id: "tesla".into(),
+                rev: String::new(),
+                body: Some(body(json!({"make": "Tesla"}))),
+                notify_aliases: vec![],
+            },
+        )
+        .await
+        .ok();
+    match stream.next_event().await {
+        pb::subscribe_response::Event::Notification(n) => assert_eq!(n.seq, put.seq),
+        other => panic!("expected a notification, got {other:?}"),
+    }
 }
