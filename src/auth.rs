@@ -42,6 +42,10 @@ struct TokenEntry {
     notify: Vec<String>,
 }
 
+/// How the refusal of a call without a token begins (the metrics tell
+/// missing tokens from unknown ones by it).
+pub const NO_CREDENTIALS: &str = "no credentials";
+
 /// Who is calling and what they may do.
 #[derive(Debug)]
 pub struct Principal {
@@ -163,9 +167,9 @@ impl Auth {
             Auth::Tokens(tokens) => tokens,
         };
         let Some(value) = authorization else {
-            return Err(Error::Unauthenticated(
-                "no credentials: send the metadata \"authorization: Bearer <token>\"".into(),
-            ));
+            return Err(Error::Unauthenticated(format!(
+                "{NO_CREDENTIALS}: send the metadata \"authorization: Bearer <token>\""
+            )));
         };
         // RFC 7235: the scheme is case-insensitive.
         let token = std::str::from_utf8(value)

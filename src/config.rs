@@ -20,6 +20,15 @@ pub enum Durability {
     Normal,
 }
 
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 const MIB: usize = 1024 * 1024;
 
 /// agsync: revisioned JSON documents and sync notifications over gRPC.
@@ -226,6 +235,20 @@ pub struct Config {
     /// port as gRPC; see the README's "From a browser".
     #[arg(long = "cors-allow-origin", value_name = "ORIGIN", value_parser = crate::web::parse_origin)]
     pub cors_allow_origin: Vec<String>,
+
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
+    /// Like the API, a non-loopback address is refused without `--auth`
+    /// unless `--insecure-open` is given: the metrics name databases.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log lines as text (for people) or JSON objects (for log pipelines).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Unary calls slower than this are logged at `warn` (milliseconds).
+    #[arg(long, value_parser = parse_millis, default_value = "1000")]
+    pub slow_request_ms: Duration,
 
     /// Most open Subscribe streams in total; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 20_000)]

@@ -103,6 +103,7 @@ impl Hub {
                     {
                         slot.overflowed.store(true, Ordering::Release);
                         slot.wake.notify_one();
+                        metrics::counter!(crate::telemetry::SUBSCRIBER_OVERFLOWS).increment(1);
                     }
                 }
             }
@@ -384,6 +385,8 @@ impl Subscription {
                 self.last = event.seq;
                 if event.is_for(self.alias.as_ref()) {
                     self.active = true;
+                    metrics::counter!(crate::telemetry::REPLAYED_EVENTS).increment(1);
+                    metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED).increment(1);
                     return Ok(Item::Notification(Arc::new(event)));
                 }
                 continue;
@@ -420,6 +423,7 @@ impl Subscription {
                     // Events were skipped after the buffer's last one: read
                     // them from the log. New ones flow into the buffer again.
                     self.mode = Mode::Replay { announce: false };
+                    metrics::counter!(crate::telemetry::SUBSCRIBER_CATCHUPS).increment(1);
                     return Ok(None);
                 }
                 tokio::select! {
@@ -453,6 +457,7 @@ impl Subscription {
         }
         self.last = event.seq;
         self.active = true;
+        metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED).increment(1);
         Ok(Some(Item::Notification(event)))
     }
 }

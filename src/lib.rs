@@ -16,6 +16,7 @@
 //! - [`auth`]: bearer tokens (hashed in the `--auth` file), grants, and
 //!   the live configuration that `SIGHUP` reloads.
 //! - [`server`]: wiring, health, reflection, keepalive and shutdown.
+//! - [`telemetry`]: Prometheus metrics and the per-request log.
 //! - [`web`]: gRPC-Web on the same port, and CORS for allowed web origins.
 //! - [`pb`]: code generated from `proto/agsync/v1/sync.proto`.
 
@@ -26,6 +27,7 @@ pub mod domain;
 pub mod hub;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod web;
 
 pub use domain::Error;

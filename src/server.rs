@@ -55,7 +55,13 @@ pub async fn run(
     let stop = CancellationToken::new();
     // An early return below still stops the tasks spawned before it.
     let _stop_on_return = stop.clone().drop_guard();
-    let service = Service::new(store.clone(), auth.clone(), hub, stop.clone(), &config);
+    let service = Service::new(
+        store.clone(),
+        auth.clone(),
+        hub.clone(),
+        stop.clone(),
+        &config,
+    );
     let sync = SyncServiceServer::new(service)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(usize::MAX);
@@ -84,6 +90,14 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(startup_error)?;
 
     let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let task =
+                serve_metrics(addr, &config, store.clone(), hub.clone(), stop.clone()).await?;
+            Some(task)
+        }
+        None => None,
+    };
     tracing::info!(
         address = %local_addr,
         db = %config.db_for_logs(),
@@ -145,6 +159,15 @@ pub async fn run(
         .layer(tower::util::option_layer(origins.cors()))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(crate::web::TrailersFrameLayer)
+        .layer(crate::telemetry::GrpcLayer::new(
+            &[
+                crate::pb::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+            config.slow_request_ms,
+        ))
         .layer(tower::util::MapResponseLayer::new(
             transport_status::standard_codes,
         ))
@@ -182,6 +205,9 @@ pub async fn run(
     stop.cancel();
     let _ = watcher.await;
     let _ = reloader.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     store.close().await;
     let store_failed = store.has_failed();
     tracing::info!("agsync stopped");
@@ -240,6 +266,44 @@ fn reload_auth_on_sighup(
             stop.cancelled().await;
         }
     }
+}
+
+/// Binds `--metrics-listen` (under the same loopback rule as the API) and
+/// serves `/metrics` until `stop`; gauges of state are read at each scrape.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    config: &Config,
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    if !addr.ip().is_loopback() && config.auth.is_none() && !config.insecure_open {
+        return Err(Error::Config(format!(
+            "refusing to serve metrics on {addr} without authentication: the metrics name databases; pass --auth FILE, listen on a loopback address, or pass --insecure-open"
+        )));
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot read the metrics address: {e}")))?;
+    let handle = crate::telemetry::install();
+    tracing::info!(address = %bound, "metrics listening at /metrics");
+    let collect = move || {
+        let (store, hub) = (store.clone(), hub.clone());
+        async move {
+            store.observe().await;
+            #[allow(clippy::cast_precision_loss)] // counts and seqs well below 2^52
+            {
+                metrics::gauge!(crate::telemetry::SUBSCRIBERS).set(hub.subscriber_count() as f64);
+                metrics::gauge!(crate::telemetry::HEAD_SEQ).set(hub.head() as f64);
+            }
+        }
+    };
+    Ok(tokio::spawn(crate::telemetry::serve(
+        listener, handle, collect, stop,
+    )))
 }
 
 fn startup_error(e: tonic_reflection::server::Error) -> Error {

@@ -114,6 +114,12 @@ impl<S> Guard<S> {
             )),
             None => Ok(false), // not a method of the service: UNIMPLEMENTED
         };
+        if let Some(slot) = request
+            .extensions()
+            .get::<crate::telemetry::PrincipalSlot>()
+        {
+            slot.set(principal.limit_key());
+        }
         request.extensions_mut().insert(principal);
         verdict
     }

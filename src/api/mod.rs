@@ -148,6 +148,21 @@ struct Listener {
     caller: Arc<Principal>,
     auth: Arc<Authenticator>,
     auth_changes: tokio::sync::watch::Receiver<u64>,
+    /// For the log line when the stream closes.
+    opened: std::time::Instant,
+    notifications: u64,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        tracing::info!(
+            principal = self.caller.limit_key(),
+            keys = self.subscription.keys().len(),
+            duration_ms = self.opened.elapsed().as_secs_f64() * 1000.0,
+            notifications = self.notifications,
+            "subscribe stream closed"
+        );
+    }
 }
 
 impl Listener {
@@ -173,7 +188,11 @@ impl Listener {
                     self.caller = caller;
                 }
                 item = self.subscription.next() => {
-                    return Ok(convert::subscribe_item(item?, &self.caller));
+                    let item = item?;
+                    if matches!(item, crate::hub::Item::Notification(_)) {
+                        self.notifications += 1;
+                    }
+                    return Ok(convert::subscribe_item(item, &self.caller));
                 }
             }
         }
@@ -510,11 +529,19 @@ impl SyncService for Service {
             self.shutdown.clone(),
         )
         .await?;
+        tracing::info!(
+            principal = caller.limit_key(),
+            keys = subscription.keys().len(),
+            since = req.since,
+            "subscribe stream opened"
+        );
         let state = Listener {
             auth_changes,
             auth: self.auth.clone(),
             caller,
             subscription,
+            opened: std::time::Instant::now(),
+            notifications: 0,
         };
         // Yields items until the first error, which ends the stream.
         let stream = futures_util::stream::unfold(Some(state), |state| async move {

@@ -260,7 +260,13 @@ pub(super) async fn serve<E: Engine>(
             continue;
         }
         idle_done = false;
-        if engine.commit(ops).await {
+        #[allow(clippy::cast_precision_loss)] // batch sizes are small
+        metrics::histogram!(crate::telemetry::WRITER_BATCH_SIZE).record(ops.len() as f64);
+        let started = std::time::Instant::now();
+        let committed = engine.commit(ops).await;
+        metrics::histogram!(crate::telemetry::WRITER_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        if committed {
             failed_in_a_row = 0;
         } else {
             failed_in_a_row += 1;
@@ -422,7 +428,26 @@ pub(super) async fn apply<T: Tx>(
         }
     }
     batch.tx.finish(tail).await?;
+    count_outcomes(&results);
     Ok(results)
+}
+
+/// Committed document writes and conflicts, for the metrics.
+fn count_outcomes(results: &[Result<Outcome>]) {
+    let (mut written, mut conflicts) = (0u64, 0u64);
+    for result in results {
+        if let Ok(Outcome::Written(items)) = result {
+            for item in items {
+                match item {
+                    Ok(_) => written += 1,
+                    Err(Error::Conflict { .. }) => conflicts += 1,
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+    metrics::counter!(crate::telemetry::WRITES_COMMITTED).increment(written);
+    metrics::counter!(crate::telemetry::CONFLICTS).increment(conflicts);
 }
 
 /// Errors of storage (not of the op): the batch's transaction is lost.

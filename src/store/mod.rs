@@ -333,8 +333,8 @@ impl Store {
     /// The highest committed seq.
     pub async fn last_seq(&self) -> Result<u64> {
         match &self.reads {
-            Reads::Sqlite(r) => r.last_seq().await,
-            Reads::Postgres(r) => r.last_seq().await,
+            Reads::Sqlite(r) => r.counters().await.map(|c| c.0),
+            Reads::Postgres(r) => r.counters().await.map(|c| c.0),
         }
     }
 
@@ -369,6 +369,29 @@ impl Store {
         match &self.reads {
             Reads::Sqlite(r) => r.read_events(keys, after, limit, max_bytes).await,
             Reads::Postgres(r) => r.read_events(keys, after, limit, max_bytes).await,
+        }
+    }
+
+    /// Sets the store's gauges (queue depth, oldest replayable seq, pool
+    /// connections) for a metrics scrape.
+    pub async fn observe(&self) {
+        use crate::telemetry::{OLDEST_REPLAYABLE_SEQ, PG_POOL_CONNECTIONS, WRITER_QUEUE_DEPTH};
+        let queued = self.writer.max_capacity() - self.writer.capacity();
+        #[allow(clippy::cast_precision_loss)] // gauges of counts well below 2^52
+        {
+            metrics::gauge!(WRITER_QUEUE_DEPTH).set(queued as f64);
+            let counters = match &self.reads {
+                Reads::Sqlite(r) => r.counters().await,
+                Reads::Postgres(r) => r.counters().await,
+            };
+            if let Ok((_, pruned_through)) = counters {
+                metrics::gauge!(OLDEST_REPLAYABLE_SEQ).set((pruned_through + 1) as f64);
+            }
+            if let Reads::Postgres(r) = &self.reads {
+                let (in_use, idle) = r.connections();
+                metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
+                metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+            }
         }
     }
 

@@ -138,6 +138,8 @@ pub async fn connect(addr: SocketAddr) -> Client {
 /// The real binary, so a test can kill it with SIGKILL.
 pub struct ProcessServer {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, with `--metrics-listen`.
+    pub metrics_addr: Option<SocketAddr>,
     child: tokio::process::Child,
 }
 
@@ -189,11 +191,18 @@ impl ProcessServer {
         let mut child = command.spawn().expect("spawn agsync");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let address = |line: &str| {
+            let rest = line.split("address=").nth(1).expect("an address");
+            let addr = rest.split_whitespace().next().expect("address value");
+            addr.parse::<SocketAddr>().expect("socket address")
+        };
+        let (addr, metrics_addr) = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut metrics_addr = None;
             while let Some(line) = lines.next_line().await.expect("read stderr") {
-                if let Some(rest) = line.split("address=").nth(1) {
-                    let addr = rest.split_whitespace().next().expect("address value");
-                    return addr.parse::<SocketAddr>().expect("socket address");
+                if line.contains("metrics listening") {
+                    metrics_addr = Some(address(&line));
+                } else if line.contains("agsync listening") {
+                    return (address(&line), metrics_addr);
                 }
             }
             panic!("agsync exited before listening");
@@ -202,7 +211,11 @@ impl ProcessServer {
         .expect("agsync starts within 30 s");
         // Keep draining stderr so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ProcessServer { addr, child }
+        ProcessServer {
+            addr,
+            metrics_addr,
+            child,
+        }
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -14,6 +14,7 @@ mod durability;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod security;
 mod server;
 mod sync;

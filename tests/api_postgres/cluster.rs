@@ -467,3 +467,47 @@ async fn a_postgresql_restart_under_load_loses_nothing() {
     let stored: BTreeSet<u64> = all_change_seqs(&ca, "restart").await.into_iter().collect();
     assert!(acked.is_subset(&stored), "an acknowledged write is missing");
 }
+
+/// A PostgreSQL-backed node reports its pool on `/metrics`.
+#[tokio::test]
+async fn a_postgresql_node_reports_its_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = ProcessServer::start_with(
+        &dir.path().join("metrics"),
+        &["--metrics-listen", "127.0.0.1:0", "--pg-pool-size", "4"],
+        None,
+    )
+    .await;
+    let mut c = connect(node.addr).await;
+    create_db(&mut c, "cars").await;
+    put(&mut c, "cars", "a", "", json!({})).await.unwrap();
+    let addr = node.metrics_addr.expect("metrics address");
+    let page = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await.unwrap();
+        page
+    };
+    let value = |series: &str| -> f64 {
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} not in:\n{page}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    let in_use = value("agsync_pg_pool_connections{state=\"in_use\"}");
+    let idle = value("agsync_pg_pool_connections{state=\"idle\"}");
+    // The pool holds at most --pg-pool-size + 1 connections, and at least
+    // the one that served the writes.
+    assert!(
+        in_use + idle >= 1.0 && in_use + idle <= 5.0,
+        "{in_use} + {idle}"
+    );
+    assert_eq!(value("agsync_writes_committed_total"), 1.0);
+    assert_eq!(value("agsync_head_seq"), 1.0);
+}

@@ -78,6 +78,10 @@ enum Cmd {
         /// ("agsync-pg2"); each gets a fresh database, dropped after.
         #[arg(long)]
         postgres: Option<String>,
+        /// Adds agsync with `--metrics-listen`, scraped once a second during
+        /// the run ("agsync-metrics"), to measure what the metrics cost.
+        #[arg(long)]
+        metrics: bool,
         #[command(flatten)]
         workload: WorkloadArgs,
     },
@@ -224,8 +228,18 @@ async fn main() -> std::process::ExitCode {
             server_arg,
             data_dir,
             postgres,
+            metrics,
             workload,
-        } => match compare(runs, &server_arg, data_dir, postgres.as_deref(), &workload).await {
+        } => match compare(
+            runs,
+            &server_arg,
+            data_dir,
+            postgres.as_deref(),
+            metrics,
+            &workload,
+        )
+        .await
+        {
             Ok(ok) => {
                 if ok {
                     std::process::ExitCode::SUCCESS
@@ -270,7 +284,8 @@ async fn spawn(program: &std::path::Path, args: &[String]) -> Result<Child, Stri
     let mut lines = BufReader::new(process.stderr.take().ok_or("no stderr")?).lines();
     let addr = tokio::time::timeout(Duration::from_secs(60), async {
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("address=").nth(1)
+            if !line.contains("metrics listening")
+                && let Some(rest) = line.split("address=").nth(1)
                 && let Some(addr) = rest.split_whitespace().next()
             {
                 return addr.parse::<SocketAddr>().map_err(|e| e.to_string());
@@ -284,14 +299,45 @@ async fn spawn(program: &std::path::Path, args: &[String]) -> Result<Child, Stri
     Ok(Child { process, addr, pid })
 }
 
+/// A free loopback port (bound, then released for the server to take).
+fn free_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// Scrapes `http://addr/metrics` once a second, as a busy Prometheus would
+/// (it usually scrapes every 15 s), reading each page to its end.
+async fn scrape_every_second(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+            let request = format!("GET /metrics HTTP/1.0\r\nhost: {addr}\r\n\r\n");
+            let mut page = Vec::new();
+            if stream.write_all(request.as_bytes()).await.is_ok() {
+                let _ = stream.read_to_end(&mut page).await;
+            }
+        }
+    }
+}
+
 /// The servers a comparison runs against, in the order of the first run.
-const SERVERS: [&str; 4] = ["agsync", "agsync-pg", "agsync-pg2", "noop"];
+const SERVERS: [&str; 5] = [
+    "agsync",
+    "agsync-metrics",
+    "agsync-pg",
+    "agsync-pg2",
+    "noop",
+];
 
 async fn compare(
     runs: usize,
     server_args: &[String],
     data_dir: Option<PathBuf>,
     postgres: Option<&str>,
+    metrics: bool,
     workload: &WorkloadArgs,
 ) -> Result<bool, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -299,6 +345,7 @@ async fn compare(
     let servers: Vec<&str> = SERVERS
         .into_iter()
         .filter(|s| postgres.is_some() || !s.starts_with("agsync-pg"))
+        .filter(|s| metrics || *s != "agsync-metrics")
         .collect();
     let mut reports: Vec<Report> = Vec::new();
     for run in 0..runs {
@@ -327,8 +374,17 @@ async fn compare(
                 args
             };
             let mut scratch = None;
+            let mut scraper = None;
             let children = match which {
                 "agsync" => vec![spawn(&agsync, &node_args(&db_file.display().to_string())).await?],
+                "agsync-metrics" => {
+                    let metrics_addr = free_port()?;
+                    let mut args = node_args(&db_file.display().to_string());
+                    args.extend(["--metrics-listen".to_owned(), metrics_addr.to_string()]);
+                    let child = spawn(&agsync, &args).await?;
+                    scraper = Some(tokio::spawn(scrape_every_second(metrics_addr)));
+                    vec![child]
+                }
                 "noop" => vec![
                     spawn(
                         &me,
@@ -358,6 +414,9 @@ async fn compare(
             report.run = run;
             println!("{}", report.json());
             reports.push(report);
+            if let Some(scraper) = scraper {
+                scraper.abort();
+            }
             for mut child in children {
                 let _ = child.process.kill().await;
             }
@@ -424,6 +483,12 @@ async fn compare(
             obj.insert(format!("{key}_p99_ms"), r.p99_ms.into());
             obj.insert(format!("{key}_vs_sqlite"), ratio(&r, &a).into());
         }
+    }
+    if metrics && let Some(obj) = summary.as_object_mut() {
+        let r = median("agsync-metrics");
+        obj.insert("metrics_ops_per_s".into(), r.ops_per_s.into());
+        obj.insert("metrics_p99_ms".into(), r.p99_ms.into());
+        obj.insert("metrics_vs_off".into(), ratio(&r, &a).into());
     }
     println!("{summary}");
     let failures: Vec<&String> = reports

@@ -251,6 +251,14 @@ async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<(u64, u64)
 }
 
 impl Reads {
+    /// Connections of the pool in use and idle.
+    pub(crate) fn connections(&self) -> (u32, u32) {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        (self.pool.size().saturating_sub(idle), idle)
+    }
+}
+
+impl Reads {
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
@@ -264,9 +272,10 @@ impl Reads {
         Ok(tx)
     }
 
-    pub(super) async fn last_seq(&self) -> Result<u64> {
+    /// The highest committed seq, and the seq the log is pruned through.
+    pub(super) async fn counters(&self) -> Result<(u64, u64)> {
         self.link
-            .guard(async move { Ok(read_counters(&self.pool).await?.0) })
+            .guard(async move { read_counters(&self.pool).await })
             .await
     }
 

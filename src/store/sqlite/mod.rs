@@ -157,11 +157,12 @@ impl Reads {
     }
 
     /// The highest committed seq.
-    pub(super) async fn last_seq(&self) -> Result<u64> {
+    /// The highest committed seq, and the seq the log is pruned through.
+    pub(super) async fn counters(&self) -> Result<(u64, u64)> {
         let (_permit, mut tx) = self.scan().await?;
-        let (last_seq, _) = read_counters(&mut tx).await?;
+        let counters = read_counters(&mut tx).await?;
         tx.commit().await?;
-        Ok(last_seq)
+        Ok(counters)
     }
 
     /// The changes feed: documents changed after `since`, each once at its

@@ -68,6 +68,8 @@ async fn dispatch_loop(
             }
         }
         let requests = std::mem::take(&mut batch);
+        #[allow(clippy::cast_precision_loss)] // at most MAX_BATCH
+        metrics::histogram!(crate::telemetry::READ_BATCH_SIZE).record(requests.len() as f64);
         match conn {
             Ok(conn) => {
                 running.spawn(answer(conn, requests));
