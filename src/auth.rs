@@ -32,6 +32,9 @@ struct TokenEntry {
     hash: String,
     #[serde(default)]
     admin: bool,
+    /// May scrape `/metrics` (admins may too).
+    #[serde(default)]
+    metrics: bool,
     #[serde(default)]
     read: Vec<String>,
     #[serde(default)]
@@ -54,6 +57,7 @@ pub struct Principal {
     /// The hash of the token it was authenticated by (`None`: open).
     token: Option<[u8; 32]>,
     admin: bool,
+    metrics: bool,
     read: Vec<Pattern>,
     write: Vec<Pattern>,
     subscribe: Vec<Pattern>,
@@ -92,6 +96,7 @@ impl Auth {
             name: None,
             token: None,
             admin: true,
+            metrics: true,
             read: all.clone(),
             write: all.clone(),
             subscribe: all.clone(),
@@ -150,6 +155,7 @@ impl Auth {
                         .map_err(|e| bad(e.to_string()))?,
                 ),
                 admin: entry.admin,
+                metrics: entry.metrics,
                 read: patterns("read", entry.read)?,
                 write: patterns("write", entry.write)?,
                 subscribe: patterns("subscribe", entry.subscribe)?,
@@ -310,6 +316,11 @@ impl Principal {
     /// Database create/delete: admins only.
     pub fn require_admin(&self) -> Result<()> {
         self.check(self.admin, "admin", String::new)
+    }
+
+    /// Scraping `/metrics`: the `metrics` grant, or admin.
+    pub fn require_metrics(&self) -> Result<()> {
+        self.check(self.admin || self.metrics, "metrics", String::new)
     }
 
     // Grants are checked on the names as sent, before they are validated:

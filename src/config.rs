@@ -238,7 +238,8 @@ pub struct Config {
 
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
     /// Like the API, a non-loopback address is refused without `--auth`
-    /// unless `--insecure-open` is given: the metrics name databases.
+    /// unless `--insecure-open` is given; with `--auth`, scrapers send a
+    /// token with the `metrics` grant.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 

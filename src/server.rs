@@ -92,9 +92,8 @@ pub async fn run(
     let reloader = tokio::spawn(reload_auth_on_sighup(auth.clone(), stop.clone()));
     let metrics = match config.metrics_listen {
         Some(addr) => {
-            let task =
-                serve_metrics(addr, &config, store.clone(), hub.clone(), stop.clone()).await?;
-            Some(task)
+            let sources = (store.clone(), hub.clone(), auth.clone());
+            Some(serve_metrics(addr, &config, sources, stop.clone()).await?)
         }
         None => None,
     };
@@ -273,13 +272,13 @@ fn reload_auth_on_sighup(
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     config: &Config,
-    store: Arc<Store>,
-    hub: Arc<Hub>,
+    (store, hub, auth): (Arc<Store>, Arc<Hub>, Arc<Authenticator>),
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    // With --auth, scrapers need a token with the metrics grant.
     if !addr.ip().is_loopback() && config.auth.is_none() && !config.insecure_open {
         return Err(Error::Config(format!(
-            "refusing to serve metrics on {addr} without authentication: the metrics name databases; pass --auth FILE, listen on a loopback address, or pass --insecure-open"
+            "refusing to serve metrics on {addr} without authentication: they show what the server does and for whom (methods, principals' failures, subscribers); pass --auth FILE (scrapers then need a token with the metrics grant), listen on a loopback address, or pass --insecure-open"
         )));
     }
     let listener = TcpListener::bind(addr)
@@ -302,7 +301,7 @@ async fn serve_metrics(
         }
     };
     Ok(tokio::spawn(crate::telemetry::serve(
-        listener, handle, collect, stop,
+        listener, handle, auth, collect, stop,
     )))
 }
 

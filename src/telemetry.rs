@@ -131,11 +131,11 @@ fn describe() {
     );
     describe_counter!(
         CONFLICTS,
-        "Writes refused because their rev was not the current one."
+        "Document writes refused because their rev was not the current one (Put and Delete: ABORTED; BulkPut: that item's error)."
     );
     describe_histogram!(
         WRITER_BATCH_SIZE,
-        "Writes committed per transaction (group commit)."
+        "Requests committed per transaction (group commit; a BulkPut counts once)."
     );
     describe_histogram!(
         WRITER_COMMIT_SECONDS,
@@ -178,7 +178,7 @@ fn describe() {
     );
     describe_gauge!(
         PG_POOL_CONNECTIONS,
-        "PostgreSQL connections of the request pool, by state (in_use, idle)."
+        "PostgreSQL connections of the node's pool, by state (in_use, idle); the writer and the LISTEN connection hold one each for as long as the node runs."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -191,6 +191,7 @@ fn describe() {
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handle: PrometheusHandle,
+    auth: Arc<crate::auth::Authenticator>,
     collect: F,
     stop: CancellationToken,
 ) where
@@ -225,10 +226,15 @@ pub async fn serve<F, Fut>(
             },
         };
         let (handle, collect, stop) = (handle.clone(), collect.clone(), stop.clone());
+        let auth = auth.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let (handle, collect) = (handle.clone(), collect.clone());
-                async move { Ok::<_, std::convert::Infallible>(answer(request, &handle, collect).await) }
+                let (handle, collect, auth) = (handle.clone(), collect.clone(), auth.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        answer(request, &handle, &auth, collect).await,
+                    )
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -245,6 +251,7 @@ pub async fn serve<F, Fut>(
 async fn answer<B, F, Fut>(
     request: Request<B>,
     handle: &PrometheusHandle,
+    auth: &crate::auth::Authenticator,
     collect: F,
 ) -> Response<http_body_util::Full<Bytes>>
 where
@@ -265,6 +272,29 @@ where
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n");
+    }
+    // With --auth, scrapers present a token with the metrics grant, as
+    // Prometheus does with `authorization: {credentials: ...}`.
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Err(e) = auth
+        .authenticate(token)
+        .and_then(|principal| principal.require_metrics())
+    {
+        let status = match e {
+            crate::domain::Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        let mut response = plain(status, &format!("{e}\n"));
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        return response;
     }
     collect().await;
     let mut response = plain(StatusCode::OK, &handle.render());
@@ -311,7 +341,7 @@ impl MethodMetrics {
             ("grpc_method", method.to_owned()),
             ("grpc_type", kind.to_owned()),
         ];
-        MethodMetrics {
+        let method = MethodMetrics {
             service: service.into(),
             method: method.into(),
             kind,
@@ -319,7 +349,10 @@ impl MethodMetrics {
             msg_sent: metrics::counter!(GRPC_MSG_SENT, &labels),
             handling: metrics::histogram!(GRPC_HANDLING_SECONDS, &labels),
             handled: Mutex::new(HashMap::new()),
-        }
+        };
+        // Served from the start, at 0, as go-grpc-prometheus does.
+        method.handled(Code::Ok).absolute(0);
+        method
     }
 
     fn handled(&self, code: Code) -> Counter {

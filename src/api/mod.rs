@@ -153,10 +153,18 @@ struct Listener {
     notifications: u64,
 }
 
+/// A principal in logs: its name, or "-" for the open mode's.
+fn log_name(principal: &Principal) -> &str {
+    match principal.limit_key() {
+        "" => "-",
+        name => name,
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         tracing::info!(
-            principal = self.caller.limit_key(),
+            principal = log_name(&self.caller),
             keys = self.subscription.keys().len(),
             duration_ms = self.opened.elapsed().as_secs_f64() * 1000.0,
             notifications = self.notifications,
@@ -530,7 +538,7 @@ impl SyncService for Service {
         )
         .await?;
         tracing::info!(
-            principal = caller.limit_key(),
+            principal = log_name(&caller),
             keys = subscription.keys().len(),
             since = req.since,
             "subscribe stream opened"

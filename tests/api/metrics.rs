@@ -47,9 +47,14 @@ fn series_key(name: &str, labels: &[(String, String)]) -> String {
 }
 
 async fn get_path(addr: SocketAddr, path: &str) -> Scrape {
+    get_with(addr, path, None).await
+}
+
+async fn get_with(addr: SocketAddr, path: &str, token: Option<&str>) -> Scrape {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let authorization = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n{authorization}\r\n").as_bytes())
         .await
         .unwrap();
     let mut response = String::new();
@@ -281,8 +286,9 @@ async fn auth_failures_by_reason() {
     std::fs::write(
         &auth,
         format!(
-            "[[token]]\nprincipal = \"reader\"\nhash = \"{}\"\nread = [\"cars\"]\n",
-            agsync::auth::hash_token("reader-token-0123456789")
+            "[[token]]\nprincipal = \"reader\"\nhash = \"{}\"\nread = [\"cars\"]\n\n[[token]]\nprincipal = \"prometheus\"\nhash = \"{}\"\nmetrics = true\n",
+            agsync::auth::hash_token("reader-token-0123456789"),
+            agsync::auth::hash_token("scraper-token-0123456789"),
         ),
     )
     .unwrap();
@@ -326,7 +332,14 @@ async fn auth_failures_by_reason() {
         Code::PermissionDenied,
         "",
     );
-    let page = scrape(&srv).await;
+    // With --auth, /metrics wants a token with the metrics grant.
+    let metrics = srv.metrics_addr.unwrap();
+    let anonymous = get_with(metrics, "/metrics", None).await;
+    assert!(anonymous.status.contains(" 401 "), "{}", anonymous.status);
+    let reader = get_with(metrics, "/metrics", Some("reader-token-0123456789")).await;
+    assert!(reader.status.contains(" 403 "), "{}", reader.status);
+    let page = get_with(metrics, "/metrics", Some("scraper-token-0123456789")).await;
+    assert!(page.status.contains(" 200 "), "{}", page.status);
     let failures = |reason| page.value("agsync_auth_failures_total", &[("reason", reason)]);
     assert_eq!(
         (failures("missing"), failures("unknown"), failures("denied")),
