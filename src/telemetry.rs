@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -330,8 +330,8 @@ struct MethodMetrics {
     started: Counter,
     msg_sent: Counter,
     handling: Histogram,
-    /// By code, made on first use.
-    handled: Mutex<HashMap<Code, Counter>>,
+    /// By code (its number), made on first use; no lock on the call path.
+    handled: [OnceLock<Counter>; 17],
 }
 
 impl MethodMetrics {
@@ -348,27 +348,25 @@ impl MethodMetrics {
             started: metrics::counter!(GRPC_STARTED, &labels),
             msg_sent: metrics::counter!(GRPC_MSG_SENT, &labels),
             handling: metrics::histogram!(GRPC_HANDLING_SECONDS, &labels),
-            handled: Mutex::new(HashMap::new()),
+            handled: std::array::from_fn(|_| OnceLock::new()),
         };
         // Served from the start, at 0, as go-grpc-prometheus does.
         method.handled(Code::Ok).absolute(0);
         method
     }
 
-    fn handled(&self, code: Code) -> Counter {
-        let mut handled = self.handled.lock().unwrap_or_else(|e| e.into_inner());
-        handled
-            .entry(code)
-            .or_insert_with(|| {
-                metrics::counter!(
-                    GRPC_HANDLED,
-                    "grpc_service" => self.service.clone(),
-                    "grpc_method" => self.method.clone(),
-                    "grpc_type" => self.kind,
-                    "grpc_code" => code_name(code),
-                )
-            })
-            .clone()
+    fn handled(&self, code: Code) -> &Counter {
+        let slot = usize::try_from(code as i32).unwrap_or(usize::MAX);
+        let slot = self.handled.get(slot).unwrap_or(&self.handled[2]); // Unknown
+        slot.get_or_init(|| {
+            metrics::counter!(
+                GRPC_HANDLED,
+                "grpc_service" => self.service.clone(),
+                "grpc_method" => self.method.clone(),
+                "grpc_type" => self.kind,
+                "grpc_code" => code_name(code),
+            )
+        })
     }
 }
 
