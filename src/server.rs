@@ -292,7 +292,9 @@ async fn serve_metrics(
     let collect = move || {
         let (store, hub) = (store.clone(), hub.clone());
         async move {
-            store.observe().await;
+            // A busy or unreachable database must not hold the scrape: the
+            // store's gauges then keep their last values.
+            let _ = tokio::time::timeout(Duration::from_secs(2), store.observe()).await;
             #[allow(clippy::cast_precision_loss)] // counts and seqs well below 2^52
             {
                 metrics::gauge!(crate::telemetry::SUBSCRIBERS).set(hub.subscriber_count() as f64);

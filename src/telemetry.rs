@@ -213,6 +213,10 @@ pub async fn serve<F, Fut>(
             }
         })
     };
+    // A slow or hostile client never holds more than one of a few
+    // connections, for a bounded time.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
@@ -225,9 +229,17 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
+        while connections.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "metrics: {MAX_CONNECTIONS} connections already open; closing a new one"
+            );
+            continue;
+        };
         let (handle, collect, stop) = (handle.clone(), collect.clone(), stop.clone());
         let auth = auth.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let (handle, collect, auth) = (handle.clone(), collect.clone(), auth.clone());
                 async move {
@@ -237,16 +249,29 @@ pub async fn serve<F, Fut>(
                 }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(CONNECTION_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
-                _ = connection.as_mut() => {}
-                () = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection.as_mut()) => {}
+                () = stop.cancelled() => {
+                    // Finish a scrape in flight, briefly.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+                }
             }
         });
     }
+    while connections.join_next().await.is_some() {}
     let _ = upkeep.await;
 }
+
+/// Scrapes served at once; more connections are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a scrape may take, headers included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn answer<B, F, Fut>(
     request: Request<B>,

@@ -2,10 +2,12 @@
 //! call agsync (`--cors-allow-origin`).
 //!
 //! Every request passes, outermost first, through:
-//! 1. the origin gate: a request from a web page whose origin is not allowed,
-//!    a CORS preflight or a gRPC-Web call, is refused before anything else,
-//!    with no CORS header, so the browser keeps the page from sending or
-//!    reading anything (and the call has no effect even if one were sent);
+//! 1. the origin gate: a request from a web page whose origin is not allowed
+//!    is refused before anything else, with no CORS header: a preflight, a
+//!    gRPC-Web call, or anything a page could send without a preflight (a
+//!    `text/plain` POST over HTTP/2 would otherwise reach tonic). Only native
+//!    gRPC passes, which a page cannot send without a preflight and a proxy
+//!    may forward with the page's Origin;
 //! 2. CORS (only with `--cors-allow-origin`): answers preflights of allowed
 //!    origins, and adds the CORS headers to their responses;
 //! 3. `tonic-web`: translates gRPC-Web (HTTP/1.1 or HTTP/2, binary or base64
@@ -217,13 +219,15 @@ where
                     && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
                 {
                     Some(preflight_refused())
-                } else if is_grpc_web(headers) {
-                    Some(call_refused(origin))
-                } else {
-                    // Native gRPC is left alone: a proxy translating
-                    // gRPC-Web (Envoy) may forward the page's Origin, and a
-                    // browser cannot make such a call without a preflight.
+                } else if is_native_grpc(headers) {
+                    // A proxy translating gRPC-Web (Envoy) may forward the
+                    // page's Origin; a page itself cannot send this content
+                    // type without a preflight, which is refused above.
                     None
+                } else {
+                    // gRPC-Web, or anything a page can send without a
+                    // preflight (text/plain...): never served.
+                    Some(call_refused(origin))
                 }
             }
             _ => None,
@@ -302,11 +306,25 @@ fn status_into_trailers(mut response: Response<tonic::body::Body>) -> Response<t
     response
 }
 
+/// `application/grpc` or `application/grpc+...`, but not gRPC-Web.
+fn is_native_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v == "application/grpc" || (v.starts_with("application/grpc+") && !is_web(v))
+        })
+}
+
+fn is_web(content_type: &str) -> bool {
+    content_type.starts_with("application/grpc-web")
+}
+
 fn is_grpc_web(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc-web"))
+        .is_some_and(is_web)
 }
 
 /// A preflight from an origin that is not allowed: 403 and no CORS header,

@@ -253,9 +253,13 @@ async fn metrics_count_exactly_what_happened() {
 
     // The client leaves: the stream ends as Canceled and the gauge drops.
     drop(stream);
+    let canceled = handled("Subscribe", "server_stream", "Canceled");
     let mut after = scrape(&srv).await;
     for _ in 0..100 {
-        if after.value("agsync_subscribers", &[]) == 0.0 {
+        // The stream unregisters, then its call is recorded: wait for both.
+        if after.value("agsync_subscribers", &[]) == 0.0
+            && after.get("grpc_server_handled_total", &canceled) == Some(2.0)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

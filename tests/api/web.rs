@@ -764,3 +764,36 @@ async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
         other => panic!("expected a notification, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_page_cannot_slip_a_call_through_as_plain_text() {
+    let srv = TestServer::start_with(|c| c.cors_allow_origin = vec![APP.into()]).await;
+    // What `fetch(url, {mode: "no-cors", body})` sends without a preflight,
+    // over HTTP/2 as a browser does with TLS.
+    let mut web = Web::http2(srv.addr).await.header("origin", EVIL);
+    web.encoding = "text/plain";
+    let response = web
+        .call("CreateDatabase", &create_request("evil", ""))
+        .await;
+    assert_eq!(response.status, StatusCode::FORBIDDEN);
+    assert_eq!(cors_headers(&response.headers), Vec::<String>::new());
+
+    // Native gRPC carrying a page's Origin (a proxy that translated
+    // gRPC-Web forwards it) is served: a page cannot send it itself.
+    let mut native = srv.client.clone();
+    let mut request = tonic::Request::new(create_request("cars", ""));
+    request
+        .metadata_mut()
+        .insert("origin", EVIL.parse().unwrap());
+    native.create_database(request).await.unwrap();
+    let names: Vec<String> = native
+        .list_databases(pb::ListDatabasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .databases
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["cars"]);
+}

@@ -490,7 +490,10 @@ async fn a_postgresql_node_reports_its_pool() {
             .await
             .unwrap();
         let mut page = String::new();
-        stream.read_to_string(&mut page).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut page))
+            .await
+            .expect("/metrics answers within 10 s")
+            .unwrap();
         page
     };
     let value = |series: &str| -> f64 {
