@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::domain::{Alias, DbName, Error, Result};
+use crate::domain::{Alias, Credentials, DbName, Error, Result};
 
 /// The prefix of a token hash in the auth file.
 const HASH_PREFIX: &str = "sha256:";
@@ -44,10 +44,6 @@ struct TokenEntry {
     #[serde(default)]
     notify: Vec<String>,
 }
-
-/// How the refusal of a call without a token begins (the metrics tell
-/// missing tokens from unknown ones by it).
-pub const NO_CREDENTIALS: &str = "no credentials";
 
 /// Who is calling and what they may do.
 #[derive(Debug)]
@@ -173,9 +169,10 @@ impl Auth {
             Auth::Tokens(tokens) => tokens,
         };
         let Some(value) = authorization else {
-            return Err(Error::Unauthenticated(format!(
-                "{NO_CREDENTIALS}: send the metadata \"authorization: Bearer <token>\""
-            )));
+            return Err(Error::Unauthenticated(
+                Credentials::Missing,
+                "no credentials: send the metadata \"authorization: Bearer <token>\"".into(),
+            ));
         };
         // RFC 7235: the scheme is case-insensitive.
         let token = std::str::from_utf8(value)
@@ -186,12 +183,14 @@ impl Auth {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 Error::Unauthenticated(
+                    Credentials::Unknown,
                     "malformed authorization metadata: expected \"Bearer <token>\"".into(),
                 )
             })?;
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         find(tokens, &presented).ok_or_else(|| {
             Error::Unauthenticated(
+                Credentials::Unknown,
                 "unknown token: check it, or ask the administrator for a valid one".into(),
             )
         })
@@ -432,7 +431,7 @@ subscribe = ["org.example.*"]
         ] {
             assert!(matches!(
                 auth.authenticate(bad),
-                Err(Error::Unauthenticated(_))
+                Err(Error::Unauthenticated(..))
             ));
         }
     }

@@ -308,6 +308,7 @@ where
         .authenticate(token)
         .and_then(|principal| principal.require_metrics())
     {
+        count_auth_failure(&e);
         let status = match e {
             crate::domain::Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::UNAUTHORIZED,
@@ -328,6 +329,19 @@ where
         header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Counts a refusal by authentication or authorization (calls and scrapes
+/// alike) under its reason; other errors are not counted.
+pub fn count_auth_failure(e: &crate::domain::Error) {
+    use crate::domain::Error;
+    let reason = match e {
+        Error::Unauthenticated(credentials, _) => credentials.as_str(),
+        Error::Revoked(_) => "unknown",
+        Error::PermissionDenied(_) => "denied",
+        _ => return,
+    };
+    metrics::counter!(AUTH_FAILURES, "reason" => reason).increment(1);
 }
 
 /// Who made a call, filled in by the auth gate, for the request log.
@@ -483,10 +497,13 @@ where
         method.started.increment(1);
         let principal = PrincipalSlot::default();
         request.extensions_mut().insert(principal.clone());
+        let start = Instant::now();
+        let deadline = grpc_timeout(request.headers()).and_then(|t| start.checked_add(t));
         let call = CallRecord {
             method,
             principal,
-            start: Instant::now(),
+            start,
+            deadline,
             slow: self.layer.slow,
             messages: 0,
             done: false,
@@ -511,6 +528,22 @@ where
     }
 }
 
+/// The `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn status_code(headers: &HeaderMap) -> Option<Code> {
     let value = headers.get(Status::GRPC_STATUS)?;
     let code = value.to_str().ok()?.parse::<i32>().ok()?;
@@ -522,6 +555,8 @@ struct CallRecord {
     method: Arc<MethodMetrics>,
     principal: PrincipalSlot,
     start: Instant,
+    /// From the client's `grpc-timeout`: a call dropped past it timed out.
+    deadline: Option<Instant>,
     slow: Duration,
     messages: u64,
     done: bool,
@@ -578,9 +613,15 @@ fn percent_encoding_free(value: &str) -> String {
 }
 
 impl Drop for CallRecord {
-    /// The client went away before the status was sent.
+    /// The call ended before its status was sent: its deadline passed
+    /// (tonic drops it), or the client went away.
     fn drop(&mut self) {
-        self.finish(Code::Cancelled, &HeaderMap::new());
+        let code = if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Code::DeadlineExceeded
+        } else {
+            Code::Cancelled
+        };
+        self.finish(code, &HeaderMap::new());
     }
 }
 
@@ -715,6 +756,24 @@ mod tests {
             assert_eq!(counted, 4, "chunks of {chunk}");
             assert_eq!((framing.header_len, framing.remaining), (0, 0));
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let timeout = |v: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(timeout("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(timeout("5x"), None);
+        assert_eq!(timeout("S"), None);
+        assert_eq!(timeout(""), None);
     }
 
     #[test]

@@ -295,7 +295,12 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>> {
         .extensions()
         .get::<Arc<Principal>>()
         .cloned()
-        .ok_or_else(|| Error::Unauthenticated("the call was not authenticated".into()))
+        .ok_or_else(|| {
+            Error::Unauthenticated(
+                crate::domain::Credentials::Missing,
+                "the call was not authenticated".into(),
+            )
+        })
 }
 
 /// The method names of `service` (e.g. "agsync.v1.SyncService") in an

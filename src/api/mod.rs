@@ -221,7 +221,7 @@ fn bulk_error_kind(e: &Error) -> &'static str {
         Error::Conflict { .. } => "conflict",
         Error::Invalid { .. } => "invalid",
         Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
-        Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Revoked(_) => "forbidden",
+        Error::Unauthenticated(..) | Error::PermissionDenied(_) | Error::Revoked(_) => "forbidden",
         Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
         Error::DatabaseExists(_) => "exists",
         Error::Unavailable(_) | Error::Busy(_) | Error::ShuttingDown { .. } => "unavailable",

@@ -76,23 +76,12 @@ impl From<Error> for Status {
             ),
             Error::Invalid { .. } => Status::invalid_argument(message),
             Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
-            Error::Unauthenticated(why) => {
-                let reason = if why.starts_with(crate::auth::NO_CREDENTIALS) {
-                    "missing"
-                } else {
-                    "unknown"
-                };
-                metrics::counter!(crate::telemetry::AUTH_FAILURES, "reason" => reason).increment(1);
-                Status::unauthenticated(message)
-            }
-            Error::Revoked(_) => {
-                metrics::counter!(crate::telemetry::AUTH_FAILURES, "reason" => "unknown")
-                    .increment(1);
+            Error::Unauthenticated(..) | Error::Revoked(_) => {
+                crate::telemetry::count_auth_failure(&e);
                 Status::unauthenticated(message)
             }
             Error::PermissionDenied(_) => {
-                metrics::counter!(crate::telemetry::AUTH_FAILURES, "reason" => "denied")
-                    .increment(1);
+                crate::telemetry::count_auth_failure(&e);
                 Status::permission_denied(message)
             }
             Error::Unavailable(_) | Error::Busy(_) => Status::unavailable(message),

@@ -58,8 +58,8 @@ pub enum Error {
     SinceAhead { since: u64, head: u64 },
 
     /// No valid credentials.
-    #[error("{0}")]
-    Unauthenticated(String),
+    #[error("{1}")]
+    Unauthenticated(Credentials, String),
 
     /// Valid credentials without the needed grant.
     #[error("permission denied: {0}")]
@@ -112,3 +112,21 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a caller is not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    /// None were sent.
+    Missing,
+    /// Some were sent, but they are not a valid token.
+    Unknown,
+}
+
+impl Credentials {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Credentials::Missing => "missing",
+            Credentials::Unknown => "unknown",
+        }
+    }
+}

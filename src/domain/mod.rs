@@ -8,7 +8,7 @@ mod names;
 mod revision;
 
 pub use body::{Body, BodyLimits};
-pub use error::{Error, Result};
+pub use error::{Credentials, Error, Result};
 pub use names::{Alias, DbName, DocId, SyncKey, new_ids, parse_attributes};
 pub use revision::Rev;
 

@@ -345,9 +345,11 @@ async fn auth_failures_by_reason() {
     let page = get_with(metrics, "/metrics", Some("scraper-token-0123456789")).await;
     assert!(page.status.contains(" 200 "), "{}", page.status);
     let failures = |reason| page.value("agsync_auth_failures_total", &[("reason", reason)]);
+    // Two calls and one scrape without a token, one call with an unknown
+    // token, one call and one scrape without the grant.
     assert_eq!(
         (failures("missing"), failures("unknown"), failures("denied")),
-        (2.0, 1.0, 1.0)
+        (3.0, 1.0, 2.0)
     );
     assert_eq!(
         page.value(
@@ -378,5 +380,46 @@ async fn metrics_on_a_public_address_need_auth() {
     assert!(
         stderr.contains("refusing to serve metrics on 0.0.0.0:0 without authentication"),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_dropped_past_its_deadline_counts_as_deadline_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = ProcessServer::start_with(
+        &dir.path().join("agsync.db"),
+        &["--metrics-listen", "127.0.0.1:0"],
+        None,
+    )
+    .await;
+    let mut c = connect(srv.addr).await;
+    let mut request = tonic::Request::new(pb::SubscribeRequest {
+        sync_keys: vec!["cars.key".into()],
+        since: None,
+        alias: String::new(),
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let mut stream = c.subscribe(request).await.unwrap().into_inner();
+    next_subscribed(&mut stream).await;
+    // The client gives up at its deadline and resets the stream, as grpc-go
+    // and grpc-java do (tonic's client only times the response headers).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    let exceeded = handled("Subscribe", "server_stream", "DeadlineExceeded");
+    let mut page = scrape(&srv).await;
+    for _ in 0..100 {
+        if page.get("grpc_server_handled_total", &exceeded) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        page = scrape(&srv).await;
+    }
+    assert_eq!(page.value("grpc_server_handled_total", &exceeded), 1.0);
+    assert_eq!(
+        page.get(
+            "grpc_server_handled_total",
+            &handled("Subscribe", "server_stream", "Canceled")
+        ),
+        None
     );
 }
