@@ -179,16 +179,24 @@ impl OwnCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// `pg_ctl restart -m fast`. The server's output goes to the log file:
-    /// on a pipe, `output()` would wait for ever.
-    pub fn restart(&self) {
+    /// `pg_ctl stop -m fast`: the server goes away under its clients.
+    pub fn stop_fast(&self) {
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.path("data"), "-m", "fast", "-w", "stop"],
+        )
+        .expect("pg_ctl stop");
+    }
+
+    /// Starts it again after `stop_fast`, with the options of its first
+    /// start (`pg_ctl restart` reuses them). The server's output goes to the
+    /// log file: on a pipe, `output()` would wait for ever.
+    pub fn start_again(&self) {
         self.pg(
             "pg_ctl",
             &[
                 "-D",
                 &self.path("data"),
-                "-m",
-                "fast",
                 "-l",
                 &self.path("log"),
                 "-w",
