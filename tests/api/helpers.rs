@@ -468,3 +468,19 @@ macro_rules! sqlite_only {
         }
     };
 }
+
+/// A self-signed certificate for "localhost", written as `cert.pem` and
+/// `key.pem` into `dir`, for a server's `--tls-cert` and `--tls-key`.
+pub fn self_signed_tls(
+    dir: &Path,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert, cert_path, key_path)
+}

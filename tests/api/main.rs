@@ -2,6 +2,7 @@
 
 mod helpers;
 mod pg;
+mod scrape;
 
 /// This binary runs the suite against SQLite; `tests/api_postgres` runs
 /// the same modules against PostgreSQL.

@@ -529,10 +529,7 @@ async fn hash_token_helper_matches_the_server() {
 #[tokio::test]
 async fn tls_with_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = self_signed_tls(dir.path());
     let srv = TestServer::start_with(|c| {
         c.tls_cert = Some(cert_path);
         c.tls_key = Some(key_path);

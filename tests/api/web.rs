@@ -340,6 +340,15 @@ fn create_request(name: &str, sync_key: &str) -> pb::CreateDatabaseRequest {
     }
 }
 
+/// Subscribe to "cars.key", live only.
+fn cars_subscription() -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        sync_keys: vec!["cars.key".into()],
+        since: None,
+        alias: String::new(),
+    }
+}
+
 fn cors_headers(headers: &HeaderMap) -> Vec<String> {
     headers
         .keys()
@@ -459,16 +468,7 @@ async fn subscribe_delivers_each_notification_as_it_is_published() {
         Web::http1(srv.addr).await.text(),
     ] {
         let mut web = web;
-        let mut stream = web
-            .call(
-                "Subscribe",
-                &pb::SubscribeRequest {
-                    sync_keys: vec!["cars.key".into()],
-                    since: None,
-                    alias: String::new(),
-                },
-            )
-            .await;
+        let mut stream = web.call("Subscribe", &cars_subscription()).await;
         assert_eq!(stream.status, StatusCode::OK);
         match stream.next_event().await {
             pb::subscribe_response::Event::Subscribed(_) => {}
@@ -499,11 +499,7 @@ async fn subscribe_delivers_each_notification_as_it_is_published() {
 async fn a_closed_page_unregisters_its_subscriber_promptly() {
     let srv = TestServer::start_with(|c| c.max_subscribers = 1).await;
     let mut native = srv.client.clone();
-    let request = pb::SubscribeRequest {
-        sync_keys: vec!["cars.key".into()],
-        since: None,
-        alias: String::new(),
-    };
+    let request = cars_subscription();
     let mut web = Web::http1(srv.addr).await;
     let mut stream = web.call("Subscribe", &request).await;
     assert!(matches!(
@@ -713,10 +709,7 @@ async fn auth_travels_in_the_authorization_header() {
 #[tokio::test]
 async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = self_signed_tls(dir.path());
     let srv = TestServer::start_with(|c| {
         c.tls_cert = Some(cert_path);
         c.tls_key = Some(key_path);
@@ -731,16 +724,7 @@ async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
         .unary("CreateDatabase", &create_request("cars", "cars.key"))
         .await
         .ok();
-    let mut stream = web
-        .call(
-            "Subscribe",
-            &pb::SubscribeRequest {
-                sync_keys: vec!["cars.key".into()],
-                since: None,
-                alias: String::new(),
-            },
-        )
-        .await;
+    let mut stream = web.call("Subscribe", &cars_subscription()).await;
     assert!(matches!(
         stream.next_event().await,
         pb::subscribe_response::Event::Subscribed(_)

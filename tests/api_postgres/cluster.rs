@@ -509,36 +509,15 @@ async fn a_postgresql_node_reports_its_pool() {
     let mut c = connect(node.addr).await;
     create_db(&mut c, "cars").await;
     put(&mut c, "cars", "a", "", json!({})).await.unwrap();
-    let addr = node.metrics_addr.expect("metrics address");
-    let page = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut page = String::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut page))
-            .await
-            .expect("/metrics answers within 10 s")
-            .unwrap();
-        page
-    };
-    let value = |series: &str| -> f64 {
-        let line = page
-            .lines()
-            .find(|l| l.starts_with(series))
-            .unwrap_or_else(|| panic!("{series} not in:\n{page}"));
-        line.rsplit_once(' ').unwrap().1.parse().unwrap()
-    };
-    let in_use = value("agsync_pg_pool_connections{state=\"in_use\"}");
-    let idle = value("agsync_pg_pool_connections{state=\"idle\"}");
+    let page = crate::scrape::scrape(&node).await;
+    let in_use = page.value("agsync_pg_pool_connections", &[("state", "in_use")]);
+    let idle = page.value("agsync_pg_pool_connections", &[("state", "idle")]);
     // The pool holds at most --pg-pool-size + 1 connections, and at least
     // the one that served the writes.
     assert!(
         in_use + idle >= 1.0 && in_use + idle <= 5.0,
         "{in_use} + {idle}"
     );
-    assert_eq!(value("agsync_writes_committed_total"), 1.0);
-    assert_eq!(value("agsync_head_seq"), 1.0);
+    assert_eq!(page.value("agsync_writes_committed_total", &[]), 1.0);
+    assert_eq!(page.value("agsync_head_seq", &[]), 1.0);
 }

@@ -7,6 +7,8 @@
 mod helpers;
 #[path = "../api/pg.rs"]
 mod pg;
+#[path = "../api/scrape.rs"]
+mod scrape;
 
 /// Servers in this binary run on PostgreSQL.
 pub const POSTGRES: bool = true;
