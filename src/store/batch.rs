@@ -195,9 +195,12 @@ pub(super) trait Engine {
     async fn commit(&mut self, ops: Vec<Queued>) -> bool;
     /// The most request bytes (`Op::approx_bytes`) taken into one batch.
     fn batch_bytes(&self) -> usize;
-    /// After this long without writes, `idle` runs (once per pause).
+    /// After this long without writes, `idle` runs (once per pause, until it
+    /// is done).
     fn idle_after(&self) -> Option<Duration>;
-    async fn idle(&mut self);
+    /// Returns whether it is done; if not, it runs again after another
+    /// `idle_after` without writes.
+    async fn idle(&mut self) -> bool;
     /// After this many batches failed in a row the writer gives up.
     fn max_failed_batches(&self) -> Option<u32>;
     /// Called once, after the last batch.
@@ -234,8 +237,7 @@ pub(super) async fn serve<E: Engine>(
             tokio::select! {
                 n = rx.recv_many(&mut batch, max_batch) => if n == 0 { break },
                 () = tokio::time::sleep(idle_after.unwrap_or_default()), if idle_after.is_some() => {
-                    engine.idle().await;
-                    idle_done = true;
+                    idle_done = engine.idle().await;
                     continue;
                 }
             }

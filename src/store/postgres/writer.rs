@@ -218,7 +218,9 @@ impl Engine for Writer {
         None
     }
 
-    async fn idle(&mut self) {}
+    async fn idle(&mut self) -> bool {
+        true
+    }
 
     fn max_failed_batches(&self) -> Option<u32> {
         // PostgreSQL may come back: keep answering UNAVAILABLE until it does.

@@ -97,7 +97,8 @@ impl Writer {
 
     /// Checkpoints on the writer's own connection, between batches: copies
     /// the WAL back into the database and empties the file (TRUNCATE).
-    async fn truncate_wal(&mut self) {
+    /// Returns whether the WAL was reset.
+    async fn truncate_wal(&mut self) -> bool {
         let started = std::time::Instant::now();
         let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&mut self.conn)
@@ -122,11 +123,17 @@ impl Writer {
         }
         match result {
             // busy = 0: the whole WAL was copied back and reset.
-            Ok((0, _, _)) => {}
-            Ok(_) => tracing::debug!(
-                "WAL checkpoint could not finish (a reader or the checkpointer holds an older snapshot); retrying later"
-            ),
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying later"),
+            Ok((0, _, _)) => true,
+            Ok(_) => {
+                tracing::debug!(
+                    "WAL checkpoint could not finish (a reader or the checkpointer holds an older snapshot); retrying later"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed; retrying later");
+                false
+            }
         }
     }
 
@@ -211,8 +218,8 @@ impl Engine for Writer {
         Some(IDLE_TRUNCATE_AFTER)
     }
 
-    async fn idle(&mut self) {
-        self.truncate_wal().await;
+    async fn idle(&mut self) -> bool {
+        self.truncate_wal().await
     }
 
     fn max_failed_batches(&self) -> Option<u32> {
