@@ -1,6 +1,10 @@
 //! Generates the gRPC code from `proto/` with protox, a pure-Rust protobuf
 //! compiler, so building needs no system `protoc`. The encoded file
 //! descriptor set is written next to the generated code for server reflection.
+//!
+//! Also generates a client for the part of etcd's v3 API that
+//! `agsync-bench` drives etcd with (`bench/etcd-proto`, see its headers);
+//! only the bench includes it.
 
 use std::path::PathBuf;
 
@@ -9,6 +13,7 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/agsync/v1/sync.proto"];
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=bench/etcd-proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("agsync_descriptor.bin"), fds.encode_to_vec())?;
@@ -16,5 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    let etcd = protox::compile(["etcd/etcdserverpb/rpc.proto"], ["bench/etcd-proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(etcd)?;
     Ok(())
 }

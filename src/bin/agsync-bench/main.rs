@@ -12,6 +12,7 @@
 // field today, so fields added to the proto do not break the bench.
 #![allow(clippy::needless_update)]
 
+mod etcd;
 mod hostile;
 mod noop;
 mod walsoak;
@@ -82,9 +83,21 @@ enum Cmd {
         /// the run ("agsync-metrics"), to measure what the metrics cost.
         #[arg(long)]
         metrics: bool,
+        /// Adds a peer to compare with: `etcd` starts Debian's etcd-server
+        /// (the `etcd` binary on PATH) on loopback with a fresh data dir for
+        /// each run and drives it with the closest etcd calls (see
+        /// BENCHMARKS.md).
+        #[arg(long, value_enum)]
+        peer: Option<Peer>,
         #[command(flatten)]
         workload: WorkloadArgs,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// etcd v3 (Debian's etcd-server), one member, default durability.
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -229,6 +242,7 @@ async fn main() -> std::process::ExitCode {
             data_dir,
             postgres,
             metrics,
+            peer,
             workload,
         } => match compare(
             runs,
@@ -236,6 +250,7 @@ async fn main() -> std::process::ExitCode {
             data_dir,
             postgres.as_deref(),
             metrics,
+            peer,
             &workload,
         )
         .await
@@ -324,11 +339,12 @@ async fn scrape_every_second(addr: SocketAddr) {
 }
 
 /// The servers a comparison runs against, in the order of the first run.
-const SERVERS: [&str; 5] = [
+const SERVERS: [&str; 6] = [
     "agsync",
     "agsync-metrics",
     "agsync-pg",
     "agsync-pg2",
+    "etcd",
     "noop",
 ];
 
@@ -338,6 +354,7 @@ async fn compare(
     data_dir: Option<PathBuf>,
     postgres: Option<&str>,
     metrics: bool,
+    peer: Option<Peer>,
     workload: &WorkloadArgs,
 ) -> Result<bool, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -346,6 +363,7 @@ async fn compare(
         .into_iter()
         .filter(|s| postgres.is_some() || !s.starts_with("agsync-pg"))
         .filter(|s| metrics || *s != "agsync-metrics")
+        .filter(|s| peer == Some(Peer::Etcd) || *s != "etcd")
         .collect();
     let mut reports: Vec<Report> = Vec::new();
     for run in 0..runs {
@@ -373,6 +391,17 @@ async fn compare(
                 args.extend(server_args.iter().cloned());
                 args
             };
+            if which == "etcd" {
+                let etcd = etcd::Etcd::start(&dir.0).await?;
+                let report = etcd::run(etcd.addr, etcd.pid, &run_args).await;
+                etcd.stop().await;
+                let mut report = report?;
+                report.server = which.to_owned();
+                report.run = run;
+                println!("{}", report.json());
+                reports.push(report);
+                continue;
+            }
             let mut scratch = None;
             let mut scraper = None;
             let children = match which {
@@ -490,6 +519,15 @@ async fn compare(
         obj.insert("metrics_p99_ms".into(), r.p99_ms.into());
         obj.insert("metrics_vs_off".into(), ratio(&r, &a).into());
     }
+    if peer == Some(Peer::Etcd)
+        && let Some(obj) = summary.as_object_mut()
+    {
+        let e = median("etcd");
+        obj.insert("etcd_ops_per_s".into(), e.ops_per_s.into());
+        obj.insert("etcd_p50_ms".into(), e.p50_ms.into());
+        obj.insert("etcd_p99_ms".into(), e.p99_ms.into());
+        println!("{}", versus_etcd(workload.workload, &a, &e, &n, runs, obj));
+    }
     println!("{summary}");
     let failures: Vec<&String> = reports
         .iter()
@@ -500,6 +538,51 @@ async fn compare(
         eprintln!("FAILED: {f}");
     }
     Ok(failures.is_empty())
+}
+
+/// The line comparing agsync's medians `a` with etcd's `e` (and the no-op
+/// ceiling `n`); adds the ratios to the summary `obj`.
+fn versus_etcd(
+    workload: Workload,
+    a: &Report,
+    e: &Report,
+    n: &Report,
+    runs: usize,
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+    let kb = |r: &Report, key: &str| r.extra.get(key).and_then(serde_json::Value::as_f64);
+    match workload {
+        Workload::Fanout => {
+            let p99 = ratio(a.p99_ms, e.p99_ms);
+            let (ar, er) = (
+                kb(a, "subscribed_rss_kb").unwrap_or(0.0),
+                kb(e, "subscribed_rss_kb").unwrap_or(0.0),
+            );
+            obj.insert("p99_vs_etcd".into(), p99.into());
+            obj.insert("rss_vs_etcd".into(), ratio(ar, er).into());
+            format!(
+                "agsync vs etcd: p99 {:.1} ms vs {:.1} ms ({p99:.2}x), RSS with subscribers {:.1} MB vs {:.1} MB ({:.2}x) (medians of {runs} runs)",
+                a.p99_ms,
+                e.p99_ms,
+                ar / 1024.0,
+                er / 1024.0,
+                ratio(ar, er)
+            )
+        }
+        _ => {
+            let x = ratio(a.ops_per_s, e.ops_per_s);
+            obj.insert("agsync_vs_etcd".into(), x.into());
+            obj.insert(
+                "etcd_vs_ceiling".into(),
+                ratio(e.ops_per_s, n.ops_per_s).into(),
+            );
+            format!(
+                "agsync / etcd: {x:.2}x throughput ({:.0} vs {:.0} ops/s), p99 {:.2} ms vs {:.2} ms (medians of {runs} runs)",
+                a.ops_per_s, e.ops_per_s, a.p99_ms, e.p99_ms
+            )
+        }
+    }
 }
 
 /// A fresh PostgreSQL database for one run, created through `admin` (a URL

@@ -694,6 +694,12 @@ async fn contended(
     .await;
     let mut r = totals.into_report(args, elapsed);
     r.rss_start_kb = rss;
+    contended_notes(&mut r, elapsed);
+    Ok(r)
+}
+
+/// Adds the calls and conflicts per second of a contended run.
+pub(crate) fn contended_notes(r: &mut Report, elapsed: Duration) {
     let secs = elapsed.as_secs_f64();
     let calls = (r.ops + r.conflicts) as f64 / secs;
     r.extra.insert(
@@ -705,7 +711,6 @@ async fn contended(
         "ops are successful updates; {calls:.0} calls/s in all, {:.0} conflicts/s",
         r.conflicts as f64 / secs
     ));
-    Ok(r)
 }
 
 /// Opens `count` subscriptions on `key` spread over the channels and waits
@@ -799,26 +804,11 @@ async fn fanout(
     let mut r = totals.into_report(args, duration);
     r.clients = args.subscribers();
     r.rss_start_kb = idle_rss;
-    let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / args.subscribers().max(1) as f64;
-    for (k, v) in [
-        ("subscribers", serde_json::Value::from(args.subscribers())),
-        ("delivered", delivered.into()),
+    r.insert_extra([
+        ("delivered", serde_json::Value::from(delivered)),
         ("expected", expected.into()),
-        ("idle_rss_kb", idle_rss.into()),
-        ("subscribed_rss_kb", subscribed_rss.into()),
-        (
-            "rss_per_subscriber_kb",
-            ((per_sub * 10.0).round() / 10.0).into(),
-        ),
-    ] {
-        r.extra.insert(k.into(), v);
-    }
-    r.notes.push(format!(
-        "RSS {:.1} MB idle, {:.1} MB with {} subscribers ({per_sub:.1} KB each)",
-        idle_rss as f64 / 1024.0,
-        subscribed_rss as f64 / 1024.0,
-        args.subscribers()
-    ));
+    ]);
+    fanout_notes(&mut r, args.subscribers(), idle_rss, subscribed_rss);
     if is_noop {
         r.notes
             .push("no-op server delivers nothing: latency is its Put round trip".into());
@@ -833,6 +823,25 @@ async fn fanout(
         }
     }
     Ok(r)
+}
+
+/// Records a fan-out's server RSS idle and with its subscribers open.
+pub(crate) fn fanout_notes(r: &mut Report, subscribers: usize, idle_rss: u64, subscribed_rss: u64) {
+    let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / subscribers.max(1) as f64;
+    r.insert_extra([
+        ("subscribers", serde_json::Value::from(subscribers)),
+        ("idle_rss_kb", idle_rss.into()),
+        ("subscribed_rss_kb", subscribed_rss.into()),
+        (
+            "rss_per_subscriber_kb",
+            ((per_sub * 10.0).round() / 10.0).into(),
+        ),
+    ]);
+    r.notes.push(format!(
+        "RSS {:.1} MB idle, {:.1} MB with {subscribers} subscribers ({per_sub:.1} KB each)",
+        idle_rss as f64 / 1024.0,
+        subscribed_rss as f64 / 1024.0,
+    ));
 }
 
 /// Puts at a fixed `--rate` from `--clients` writers on the first node, and
