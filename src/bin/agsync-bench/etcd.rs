@@ -62,13 +62,17 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts `etcd` with its data in `dir/etcd` on two free loopback ports
-    /// and waits until it answers a Range.
-    pub async fn start(dir: &Path) -> Result<Etcd, String> {
-        let client = crate::free_port()?;
-        let peer = crate::free_port()?;
+    /// and waits until it answers a Range. Its log goes to `dir/etcd.log`,
+    /// quoted when it exits or does not answer within 60 s. `max_txn_ops` is
+    /// raised from etcd's 128 when a bulk Txn needs more.
+    pub async fn start(dir: &Path, max_txn_ops: usize) -> Result<Etcd, String> {
+        let [client, peer] = crate::free_ports::<2>()?;
         let data = dir.join("etcd");
+        let log_path = dir.join("etcd.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
         let (c, p) = (format!("http://{client}"), format!("http://{peer}"));
-        let process = tokio::process::Command::new("etcd")
+        let mut process = tokio::process::Command::new("etcd")
             .args(["--name", "bench", "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
@@ -80,10 +84,11 @@ impl Etcd {
             ])
             .args(["--initial-cluster", &format!("bench={p}")])
             .args(["--initial-cluster-state", "new"])
-            .args(["--logger", "zap", "--log-level", "error"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .arg(format!("--max-txn-ops={}", max_txn_ops.max(128)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -93,19 +98,33 @@ impl Etcd {
                 )
             })?;
         let pid = process.id().ok_or("etcd has no pid")?;
+        let tail = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
         let start = Instant::now();
         loop {
-            if let Ok(mut ch) = connections(client, 1).await
-                && let Some(ch) = ch.pop()
-                && KvClient::new(ch)
+            if let Ok(Some(status)) = process.try_wait() {
+                return Err(format!(
+                    "etcd exited ({status}) before answering:\n{}",
+                    tail()
+                ));
+            }
+            let ready = within(async {
+                let ch = connections(client, 1).await?.pop().ok_or("no channel")?;
+                KvClient::new(ch)
                     .range(range(b"ready".to_vec()))
                     .await
-                    .is_ok()
-            {
+                    .map_err(|s| s.to_string())
+            })
+            .await;
+            if ready.is_ok() {
                 break;
             }
             if start.elapsed() > Duration::from_secs(60) {
-                return Err("etcd did not answer within 60 s".into());
+                let _ = process.kill().await;
+                return Err(format!("etcd did not answer within 60 s:\n{}", tail()));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -120,6 +139,36 @@ impl Etcd {
     pub async fn stop(mut self) {
         let _ = self.process.kill().await;
     }
+}
+
+/// The workloads etcd has a counterpart for.
+pub const WORKLOADS: &str = "create, update, get, contended, bulk, fanout and replay";
+
+/// Whether etcd has a counterpart for `workload`.
+pub fn runs(workload: Workload) -> bool {
+    matches!(
+        workload,
+        Workload::Create
+            | Workload::Update
+            | Workload::Get
+            | Workload::Contended
+            | Workload::Bulk
+            | Workload::Fanout
+            | Workload::Replay
+    )
+}
+
+/// How long one setup call may take before the bench gives up on etcd.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a setup call with `CALL_TIMEOUT`, so a stuck etcd cannot hang the
+/// bench (the measured calls are bounded by `drive`).
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("an etcd call took over {} s", CALL_TIMEOUT.as_secs()))?
 }
 
 /// The JSON bytes of the document the agsync runs store as document `n`.
@@ -195,10 +244,10 @@ async fn cas_once(c: &mut Kv, key: Vec<u8>, rev: &mut i64, n: u64) -> Outcome {
 
 /// Puts keys `{prefix}0..{prefix}{n-1}`, `chunk` to a call (one Put, or a
 /// Txn of `chunk` Puts) with 64 calls in flight; returns each key's
-/// mod_revision. The documents the workloads read and update are loaded
-/// one Put each, as an application writes them: etcd 3.4 serves Ranges of
-/// keys written by 100-Put Txns about 4 times slower (4.2k vs 17.1k gets/s
-/// over 10,000 keys here), which would flatter agsync.
+/// mod_revision. The workloads load with one Put per key, as an
+/// application writes: keys written by 100-Put Txns share one revision, and
+/// etcd 3.4 served Ranges of them several times slower in a quick test
+/// (BENCHMARKS.md), which would flatter agsync.
 async fn preload(kvs: &[Kv], prefix: &str, n: usize, chunk: usize) -> Result<Vec<i64>, String> {
     let chunk = chunk.max(1);
     let calls = (0..n.div_ceil(chunk)).map(|k| {
@@ -230,6 +279,7 @@ async fn preload(kvs: &[Kv], prefix: &str, n: usize, chunk: usize) -> Result<Vec
             Ok::<_, String>((range, header.map_or(0, |h| h.revision)))
         }
     });
+    let calls = calls.map(within);
     let mut revs = vec![0; n];
     let mut done = futures_util::stream::iter(calls).buffer_unordered(64);
     while let Some(r) = done.next().await {
@@ -266,6 +316,7 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
             const OWN: usize = 16;
             let n_docs = args.docs.max(kvs.len() * OWN);
             let revs = preload(&kvs, "p", n_docs, 1).await?;
+            let rss = rss_kb(pid);
             let stride = n_docs / (kvs.len() * OWN);
             let states: Vec<Owner> = kvs
                 .into_iter()
@@ -288,11 +339,13 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
             })
             .await;
             let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
             r.extra.insert("docs".into(), n_docs.into());
             r
         }
         Workload::Get => {
             preload(&kvs, "p", args.docs, 1).await?;
+            let rss = rss_kb(pid);
             let n_docs = args.docs.max(1) as u64;
             let states: Vec<(Kv, u64)> = kvs
                 .into_iter()
@@ -309,11 +362,14 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
                     ((c, seed), ok_or_error(found, 1))
                 })
                 .await;
-            totals.into_report(args, elapsed)
+            let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
+            r
         }
         Workload::Contended => {
             const HOT: usize = 10;
             let revs = preload(&kvs, "p", HOT, 1).await?;
+            let rss = rss_kb(pid);
             let states: Vec<(Kv, Vec<i64>, usize)> = kvs
                 .into_iter()
                 .enumerate()
@@ -329,6 +385,7 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
                 })
                 .await;
             let mut r = totals.into_report(args, elapsed);
+            r.rss_start_kb = rss;
             crate::workloads::contended_notes(&mut r, elapsed);
             r
         }
@@ -360,10 +417,11 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
             r
         }
         Workload::Fanout => fanout(addr, args, pid, &channels, kvs, duration).await?,
-        Workload::Replay => replay(args, &channels, &kvs).await?,
-        other => {
+        Workload::Replay => replay(args, pid, &channels, &kvs).await?,
+        _ => {
             return Err(format!(
-                "the etcd peer runs create, update, get, contended, bulk, fanout and replay, not {other:?}"
+                "etcd has no counterpart for {}: it runs {WORKLOADS}",
+                args.workload_name()
             ));
         }
     };
@@ -430,7 +488,7 @@ async fn fanout(
     let all = stream_channels(addr, channels, subscribers).await?;
     let mut streams = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        streams.push(watch(all[i % all.len()].clone(), KEY, b"", 0).await?);
+        streams.push(within(watch(all[i % all.len()].clone(), KEY, b"", 0)).await?);
     }
     let subscribed_rss = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
@@ -471,12 +529,12 @@ async fn fanout(
     let (mut n, mut errors) = (0u64, 0u64);
     while start.elapsed() < duration {
         let t = Instant::now();
-        match writer.put(put(KEY.to_vec(), n)).await {
-            Ok(r) => {
+        match tokio::time::timeout(CALL_TIMEOUT, writer.put(put(KEY.to_vec(), n))).await {
+            Ok(Ok(r)) => {
                 let rev = r.into_inner().header.map_or(0, |h| h.revision);
                 sent.insert(rev, t);
             }
-            Err(_) => errors += 1,
+            Ok(Err(_)) | Err(_) => errors += 1,
         }
         n += 1;
         tokio::time::sleep_until((t + Duration::from_millis(args.interval_ms)).into()).await;
@@ -501,6 +559,10 @@ async fn fanout(
     .into_report(args, duration);
     r.clients = subscribers;
     r.rss_start_kb = idle_rss;
+    r.insert_extra([
+        ("delivered", serde_json::Value::from(delivered)),
+        ("expected", expected.into()),
+    ]);
     crate::workloads::fanout_notes(&mut r, subscribers, idle_rss, subscribed_rss);
     r.notes.push(format!(
         "delivered {delivered}/{expected}; latency from before the Put to receipt"
@@ -515,14 +577,20 @@ async fn fanout(
 
 /// Puts `--events` keys under "r/", then one Watch over the prefix from the
 /// first of their revisions reads them all back.
-async fn replay(args: &WorkloadArgs, channels: &[Channel], kvs: &[Kv]) -> Result<Report, String> {
+async fn replay(
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    channels: &[Channel],
+    kvs: &[Kv],
+) -> Result<Report, String> {
     let expected = args.events();
-    // Loaded 100 keys to a Txn (etcd's limit is 128), as agsync's replay
-    // log is loaded by BulkPuts of 1000: the Watch reads events by revision.
-    let revs = preload(kvs, "r/", expected, 100).await?;
+    // One Put per key: each event has a revision of its own, as each agsync
+    // event has its own seq (a Txn's Puts would share one).
+    let revs = preload(kvs, "r/", expected, 1).await?;
     let first = revs.iter().copied().min().unwrap_or(1);
+    let rss = rss_kb(pid);
     let start = Instant::now();
-    let (_tx, mut stream) = watch(channels[0].clone(), b"r/", b"r0", first).await?;
+    let (_tx, mut stream) = within(watch(channels[0].clone(), b"r/", b"r0", first)).await?;
     let (mut got, mut last, mut in_order) = (0usize, 0, true);
     while got < expected {
         match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
@@ -544,6 +612,7 @@ async fn replay(args: &WorkloadArgs, channels: &[Channel], kvs: &[Kv]) -> Result
     }
     .into_report(args, elapsed);
     r.clients = 1;
+    r.rss_start_kb = rss;
     r.insert_extra([
         ("events", serde_json::Value::from(expected)),
         ("replayed", got.into()),

@@ -244,17 +244,20 @@ async fn main() -> std::process::ExitCode {
             metrics,
             peer,
             workload,
-        } => match compare(
-            runs,
-            &server_arg,
-            data_dir,
-            postgres.as_deref(),
-            metrics,
-            peer,
-            &workload,
-        )
-        .await
-        {
+        } => match tokio::select! {
+            // Stopping the comparison drops the servers it started (each is
+            // killed on drop) and their scratch directories.
+            r = compare(
+                runs,
+                &server_arg,
+                data_dir,
+                postgres.as_deref(),
+                metrics,
+                peer,
+                &workload,
+            ) => r,
+            why = interrupted() => Err(format!("{why}: stopped the servers it started")),
+        } {
             Ok(ok) => {
                 if ok {
                     std::process::ExitCode::SUCCESS
@@ -267,6 +270,21 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "interrupted (SIGINT)",
+            _ = term.recv() => "terminated (SIGTERM)",
+        },
+        _ => std::future::pending().await,
     }
 }
 
@@ -316,9 +334,21 @@ async fn spawn(program: &std::path::Path, args: &[String]) -> Result<Child, Stri
 
 /// A free loopback port (bound, then released for the server to take).
 fn free_port() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))
+    free_ports::<1>().map(|[port]| port)
+}
+
+/// `N` distinct free loopback ports: all are held until all are chosen.
+fn free_ports<const N: usize>() -> Result<[SocketAddr; N], String> {
+    let listeners = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("no free port: {e}"))?;
+    let addrs = listeners
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("no free port: {e}"))?;
+    addrs.try_into().map_err(|_| "no free port".to_owned())
 }
 
 /// Scrapes `http://addr/metrics` once a second, as a busy Prometheus would
@@ -357,6 +387,13 @@ async fn compare(
     peer: Option<Peer>,
     workload: &WorkloadArgs,
 ) -> Result<bool, String> {
+    if peer == Some(Peer::Etcd) && !etcd::runs(workload.workload) {
+        return Err(format!(
+            "etcd has no counterpart for {}: --peer etcd runs {}",
+            workload.workload_name(),
+            etcd::WORKLOADS
+        ));
+    }
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let agsync = me.with_file_name("agsync");
     let servers: Vec<&str> = SERVERS
@@ -392,7 +429,7 @@ async fn compare(
                 args
             };
             if which == "etcd" {
-                let etcd = etcd::Etcd::start(&dir.0).await?;
+                let etcd = etcd::Etcd::start(&dir.0, workload.batch).await?;
                 let report = etcd::run(etcd.addr, etcd.pid, &run_args).await;
                 etcd.stop().await;
                 let mut report = report?;
@@ -458,7 +495,11 @@ async fn compare(
         .iter()
         .map(|s| {
             let of: Vec<&Report> = reports.iter().filter(|r| r.server == *s).collect();
-            Report::median(&of)
+            if matches!(workload.workload, Workload::Fanout | Workload::CrossNode) {
+                Report::median_latency(&of)
+            } else {
+                Report::median(&of)
+            }
         })
         .collect();
     print_table(&medians.iter().collect::<Vec<_>>());

@@ -76,8 +76,19 @@ impl Report {
 
     /// The run with the median throughput.
     pub fn median(reports: &[&Report]) -> Report {
+        Self::median_by(reports, |r| r.ops_per_s)
+    }
+
+    /// The run with the median p99 latency: for the workloads whose figure
+    /// is a latency (fanout, cross-node), where throughput only says how
+    /// many writes the writer got out.
+    pub fn median_latency(reports: &[&Report]) -> Report {
+        Self::median_by(reports, |r| r.p99_ms)
+    }
+
+    fn median_by(reports: &[&Report], key: fn(&Report) -> f64) -> Report {
         let mut sorted: Vec<&Report> = reports.to_vec();
-        sorted.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+        sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
         sorted
             .get(sorted.len() / 2)
             .map(|r| (*r).clone())
