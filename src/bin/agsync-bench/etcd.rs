@@ -315,20 +315,16 @@ pub async fn run(addr: SocketAddr, pid: u32, args: &WorkloadArgs) -> Result<Repo
             totals.into_report(args, elapsed)
         }
         Workload::Update => {
-            const OWN: usize = 16;
-            let n_docs = args.docs.max(kvs.len() * OWN);
+            let (n_docs, owned) = crate::workloads::own_layout(kvs.len(), args.docs);
             let revs = preload(&kvs, "p", n_docs, 1).await?;
             let rss = rss_kb(pid);
-            let stride = n_docs / (kvs.len() * OWN);
             let states: Vec<Owner> = kvs
                 .into_iter()
-                .enumerate()
-                .map(|(k, c)| {
-                    let own = (0..OWN)
-                        .map(|j| {
-                            let i = (k * OWN + j) * stride;
-                            (format!("p{i}").into_bytes(), revs[i])
-                        })
+                .zip(owned)
+                .map(|(c, own)| {
+                    let own = own
+                        .into_iter()
+                        .map(|i| (format!("p{i}").into_bytes(), revs[i]))
                         .collect();
                     (c, own)
                 })

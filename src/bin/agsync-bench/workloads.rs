@@ -613,25 +613,34 @@ pub(crate) type Owner = (Client, Vec<(String, String)>);
 /// Preloads `docs` documents of "bench" (at least 16 per client) and gives
 /// each client 16 of its own, spread evenly; returns them and the count.
 pub(crate) async fn own_docs(all: Vec<Client>, docs: usize) -> Result<(Vec<Owner>, usize), String> {
-    const OWN: usize = 16;
-    let clients_n = all.len().max(1);
-    let n_docs = docs.max(clients_n * OWN);
+    let (n_docs, owned) = own_layout(all.len(), docs);
     let revs = preload(&all, "bench", n_docs).await?;
-    let stride = n_docs / (clients_n * OWN);
     let owners = all
         .into_iter()
-        .enumerate()
-        .map(|(k, c)| {
-            let docs = (0..OWN)
-                .map(|j| {
-                    let i = (k * OWN + j) * stride;
-                    (format!("p{i}"), revs[i].clone())
-                })
+        .zip(owned)
+        .map(|(c, own)| {
+            let docs = own
+                .into_iter()
+                .map(|i| (format!("p{i}"), revs[i].clone()))
                 .collect();
             (c, docs)
         })
         .collect();
     Ok((owners, n_docs))
+}
+
+/// The documents to preload for `clients` updaters (`docs`, at least 16
+/// per client) and the indices each client alone updates: 16, spread evenly
+/// over them. The etcd peer updates the same layout of keys.
+pub(crate) fn own_layout(clients: usize, docs: usize) -> (usize, Vec<Vec<usize>>) {
+    const OWN: usize = 16;
+    let clients = clients.max(1);
+    let n_docs = docs.max(clients * OWN);
+    let stride = n_docs / (clients * OWN);
+    let owned = (0..clients)
+        .map(|k| (0..OWN).map(|j| (k * OWN + j) * stride).collect())
+        .collect();
+    (n_docs, owned)
 }
 
 /// Puts a new document `id` into "bench".
