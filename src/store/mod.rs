@@ -430,6 +430,30 @@ fn supervise(
     })
 }
 
+/// Runs `task` on a thread of its own, in a single-threaded runtime: for a
+/// task that calls blocking code (the SQLite writer), so that it blocks no
+/// request handler and never waits behind them for a worker.
+async fn on_own_thread(
+    name: &'static str,
+    task: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> Result<()> {
+    let (done, outcome) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| Error::Storage(Box::new(e)))
+                .and_then(|runtime| runtime.block_on(task));
+            let _ = done.send(outcome);
+        })
+        .map_err(|e| Error::Storage(Box::new(e)))?;
+    outcome
+        .await
+        .unwrap_or_else(|_| Err(Error::Storage(format!("the {name} thread panicked").into())))
+}
+
 fn unexpected() -> Error {
     Error::Storage("the writer answered with the wrong outcome".into())
 }

@@ -1,6 +1,6 @@
 //! The SQLite backend: a pool of read-only connections for reads (point
-//! reads coalesced by `reader`) and one writer task (`writer`) that owns the
-//! only write connection, plus a PASSIVE checkpointer. No sqlx type leaves
+//! reads coalesced by `reader`) and one writer thread (`writer`) that owns
+//! the only write connection, plus a PASSIVE checkpointer. No sqlx type leaves
 //! this module.
 
 mod reader;
@@ -66,19 +66,15 @@ pub(super) async fn open(
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
 
-    // No automatic checkpoints inside commits: the checkpointer task copies
-    // the WAL back off the write path, and the writer restarts the WAL itself
-    // between batches only when it passes its bound (see `writer::WalBound`).
-    let mut write_conn = base
-        .clone()
-        .create_if_missing(true)
-        .pragma("wal_autocheckpoint", "0")
-        .connect()
-        .await?;
+    // The file is created and migrated through sqlx; the writer then opens
+    // its own connection (see `writer::open_connection`).
+    let mut setup_conn = base.clone().create_if_missing(true).connect().await?;
     sqlx::migrate!("./migrations/sqlite")
-        .run_direct(&mut write_conn)
+        .run_direct(&mut setup_conn)
         .await?;
-    let (last_seq, pruned_through) = read_counters(&mut write_conn).await?;
+    let (last_seq, pruned_through) = read_counters(&mut setup_conn).await?;
+    sqlx::Connection::close(setup_conn).await?;
+    let write_conn = writer::open_connection(path, options.durability)?;
 
     let reader = SqlitePoolOptions::new()
         .max_connections(options.read_connections.max(1))
@@ -103,7 +99,7 @@ pub(super) async fn open(
         nudge: Arc::new(tokio::sync::Notify::new()),
     };
     let nudge = wal.nudge.clone();
-    let writer = Writer::new(write_conn, last_seq, retention, wal, wiring.publish).await?;
+    let writer = Writer::new(write_conn, last_seq, retention, wal, wiring.publish)?;
     let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let (closed, failed) = (wiring.closed, wiring.failed);
     let checkpoint_conn = base.connect().await?;
@@ -111,7 +107,10 @@ pub(super) async fn open(
         supervise(
             "writer",
             failed.clone(),
-            batch::serve(writer, wiring.writer, options.max_batch.max(1)),
+            super::on_own_thread(
+                "agsync-writer",
+                batch::serve(writer, wiring.writer, options.max_batch.max(1)),
+            ),
         ),
         supervise(
             "checkpointer",

@@ -1,27 +1,56 @@
-//! The SQLite writer: the only task that writes to the file. It owns the one
-//! write connection and runs the shared batching loop (`batch::serve`), so
-//! concurrent writers share one transaction and one fsync. Each SQL round
-//! trip costs two thread switches (sqlx runs SQLite on a worker thread), so a
-//! batch costs a handful of them, not several per write. Replies are sent,
-//! and events published, only after the commit succeeded. It also keeps the
-//! WAL under its bound (`WalBound`).
+//! The SQLite writer: the only thread that writes to the file. It owns the
+//! one write connection and runs the shared batching loop (`batch::serve`)
+//! on a thread of its own, so concurrent writers share one transaction and
+//! one fsync. The connection is SQLite's own API (rusqlite), called on that
+//! same thread with cached prepared statements: a batch runs start to
+//! commit without a thread switch (sqlx would run each statement on a
+//! worker thread of its own and wake the writer after each, which measured
+//! as most of a batch's time). Replies are sent, and events published, only
+//! after the commit succeeded. It also keeps the WAL under its bound
+//! (`WalBound`).
 //!
-//! Invariants: only this task writes, so revision checks and seq assignment
-//! need no locks (they run in commit order); `State` mirrors what is
-//! committed, and is restored when a batch fails.
+//! Invariants: only this thread writes, so revision checks and seq
+//! assignment need no locks (they run in commit order); `State` mirrors
+//! what is committed, and is restored when a batch fails.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use rusqlite::Connection;
 
 use super::super::batch::{
     self, Current, DbRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json, attributes_json,
 };
-use super::super::{Publisher, parse_stored_rev, to_i64, to_u64};
+use super::super::{Durability, Publisher, parse_stored_rev, to_i64, to_u64};
 use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
+
+/// Opens the write connection to a database file that exists and is
+/// migrated, with the settings of `super::open`'s sqlx connections
+/// (WAL, the durability's `synchronous`, foreign keys, a 64 MiB cache,
+/// mmap) and no automatic checkpoints: the checkpointer copies the WAL back
+/// off the write path, and the writer restarts the WAL itself between
+/// batches only when it passes its bound (see `WalBound`).
+pub(super) fn open_connection(path: &Path, durability: Durability) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = {synchronous};
+         PRAGMA foreign_keys = ON;
+         PRAGMA cache_size = -65536;
+         PRAGMA mmap_size = 268435456;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA wal_autocheckpoint = 0;"
+    ))?;
+    // Every statement of a batch stays prepared (a dozen of them).
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
 
 /// The bound on the WAL file. SQLite only restarts the WAL from its start
 /// when a checkpoint has copied all of it back and no writer is appending;
@@ -56,11 +85,9 @@ const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 /// database cannot be written (disk full, I/O errors), and the process
 /// should stop so that an orchestrator restarts or replaces it.
 const MAX_FAILED_BATCHES: u32 = 3;
-/// Rows per multi-row statement (SQLite allows 32766 bound values).
-const ROWS_PER_STATEMENT: usize = 1000;
 
 pub(super) struct Writer {
-    conn: SqliteConnection,
+    conn: Connection,
     state: State,
     wal: WalBound,
     /// When the writer last warned that the WAL is over its bound.
@@ -69,18 +96,19 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) async fn new(
-        mut conn: SqliteConnection,
+    pub(super) fn new(
+        conn: Connection,
         last_seq: u64,
         retention: Retention,
         wal: WalBound,
         publish: Publisher,
     ) -> Result<Self> {
-        let databases = load_databases(&mut conn).await?;
-        let last_db_id: i64 =
-            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'last_db_id'")
-                .fetch_one(&mut conn)
-                .await?;
+        let databases = load_databases(&conn)?;
+        let last_db_id: i64 = conn.query_row(
+            "SELECT value FROM counters WHERE name = 'last_db_id'",
+            [],
+            |row| row.get(0),
+        )?;
         Ok(Writer {
             conn,
             state: State {
@@ -98,16 +126,18 @@ impl Writer {
     /// Checkpoints on the writer's own connection, between batches: copies
     /// the WAL back into the database and empties the file (TRUNCATE).
     /// Returns whether the WAL was reset.
-    async fn truncate_wal(&mut self) -> bool {
+    fn truncate_wal(&mut self) -> bool {
         let started = std::time::Instant::now();
-        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(&mut self.conn)
-            .await;
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
         let took = started.elapsed();
         if took > Duration::from_millis(200) {
             tracing::warn!(?took, "restarting the WAL paused the writer");
         }
-        if !matches!(result, Ok((0, _, _))) && self.wal.len() > self.wal.max_bytes {
+        if !matches!(result, Ok(0)) && self.wal.len() > self.wal.max_bytes {
             let now = std::time::Instant::now();
             if self
                 .over_bound_warned
@@ -123,7 +153,7 @@ impl Writer {
         }
         match result {
             // busy = 0: the whole WAL was copied back and reset.
-            Ok((0, _, _)) => true,
+            Ok(0) => true,
             Ok(_) => {
                 tracing::debug!(
                     "WAL checkpoint could not finish (a reader or the checkpointer holds an older snapshot); retrying later"
@@ -139,14 +169,18 @@ impl Writer {
 
     /// Restores the state a failed batch started from: its creates and
     /// deletes of databases were rolled back too.
-    async fn restore(&mut self, last_seq: u64, last_db_id: i64, retention: Retention) {
-        if let Err(e) = sqlx::query("ROLLBACK").execute(&mut self.conn).await {
+    fn restore(&mut self, last_seq: u64, last_db_id: i64, retention: Retention) {
+        // Not an error when the failed statement already ended the
+        // transaction (SQLite rolls back on some errors, like a full disk).
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
             tracing::error!(error = %e, "rollback failed");
         }
         self.state.last_seq = last_seq;
         self.state.last_db_id = last_db_id;
         self.state.retention = retention;
-        match load_databases(&mut self.conn).await {
+        match load_databases(&self.conn) {
             Ok(dbs) => self.state.databases = dbs,
             Err(e) => tracing::error!(error = %e, "cannot reload databases"),
         }
@@ -163,7 +197,14 @@ impl Engine for Writer {
         );
         let mut events = Vec::new();
         let started = std::time::Instant::now();
-        let outcome = match sqlx::query("BEGIN").execute(&mut self.conn).await {
+        // The statements run on this thread and return at once: `apply`
+        // never waits, it is async only because the trait is shared with
+        // PostgreSQL.
+        let outcome = match self
+            .conn
+            .prepare_cached("BEGIN")
+            .and_then(|mut s| s.execute([]))
+        {
             Ok(_) => batch::apply(&mut self.conn, &mut self.state, ops, &mut events).await,
             Err(e) => Err(e.into()),
         };
@@ -189,7 +230,7 @@ impl Engine for Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "batch failed; it is rolled back");
-                self.restore(before.0, before.1, before.2).await;
+                self.restore(before.0, before.1, before.2);
                 batch::fail_all(replies, || {
                     Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
@@ -202,7 +243,7 @@ impl Engine for Writer {
         if committed {
             let wal = self.wal.len();
             if wal > self.wal.max_bytes / 2 {
-                self.truncate_wal().await;
+                self.truncate_wal();
             } else if wal > self.wal.max_bytes / 4 {
                 self.wal.nudge.notify_one();
             }
@@ -219,7 +260,7 @@ impl Engine for Writer {
     }
 
     async fn idle(&mut self) -> bool {
-        self.truncate_wal().await
+        self.truncate_wal()
     }
 
     fn max_failed_batches(&self) -> Option<u32> {
@@ -227,36 +268,30 @@ impl Engine for Writer {
     }
 
     async fn close(self) {
-        let mut conn = self.conn;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&mut conn)
-            .await
-        {
+        let conn = self.conn;
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
             tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
         }
-        if let Err(e) = sqlx::Connection::close(conn).await {
+        if let Err((_, e)) = conn.close() {
             tracing::warn!(error = %e, "closing the write connection failed");
         }
     }
 }
 
-impl Tx for SqliteConnection {
+impl Tx for Connection {
     async fn doc_states(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<(DocId, Current)>> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let mut query = select_docs("id, rev, deleted, seq", db_id, chunk.iter().copied());
-            for row in query
-                .build()
-                .persistent(false)
-                .fetch_all(&mut *self)
-                .await?
-            {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut stmt =
+            self.prepare_cached("SELECT rev, deleted, seq FROM docs WHERE db_id = ?1 AND id = ?2")?;
+        for id in ids {
+            let mut rows = stmt.query((db_id, id.as_str()))?;
+            if let Some(row) = rows.next()? {
                 out.push((
-                    DocId::parse("stored id", row.try_get("id")?)?,
+                    (*id).clone(),
                     Current {
-                        rev: parse_stored_rev(row.try_get("rev")?)?,
-                        deleted: row.try_get("deleted")?,
-                        seq: to_u64(row.try_get("seq")?),
+                        rev: parse_stored_rev(text(row, 0)?)?,
+                        deleted: row.get(1)?,
+                        seq: to_u64(row.get(2)?),
                         body: None,
                     },
                 ));
@@ -266,20 +301,17 @@ impl Tx for SqliteConnection {
     }
 
     async fn documents(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<Document>> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let mut query = select_docs("id, rev, body, seq", db_id, chunk.iter().copied());
-            for row in query
-                .build()
-                .persistent(false)
-                .fetch_all(&mut *self)
-                .await?
-            {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut stmt =
+            self.prepare_cached("SELECT rev, body, seq FROM docs WHERE db_id = ?1 AND id = ?2")?;
+        for id in ids {
+            let mut rows = stmt.query((db_id, id.as_str()))?;
+            if let Some(row) = rows.next()? {
                 out.push(Document {
-                    id: DocId::parse("stored id", row.try_get("id")?)?,
-                    rev: parse_stored_rev(row.try_get("rev")?)?,
-                    body: Body::from_canonical_json(row.try_get("body")?)?,
-                    seq: to_u64(row.try_get("seq")?),
+                    id: (*id).clone(),
+                    rev: parse_stored_rev(text(row, 0)?)?,
+                    body: Body::from_canonical_json(text(row, 1)?)?,
+                    seq: to_u64(row.get(2)?),
                 });
             }
         }
@@ -287,152 +319,124 @@ impl Tx for SqliteConnection {
     }
 
     async fn put_docs(&mut self, rows: &[batch::DocRow]) -> Result<()> {
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO docs (db_id, id, rev, deleted, body, seq) ",
-            );
-            query.push_values(chunk, |mut b, row| {
-                b.push_bind(row.db_id)
-                    .push_bind(row.id.as_str())
-                    .push_bind(row.rev.to_string())
-                    .push_bind(row.deleted)
-                    .push_bind(row.body.canonical_json())
-                    .push_bind(to_i64(row.seq));
-            });
-            query.push(
-                " ON CONFLICT (db_id, id) DO UPDATE SET rev = excluded.rev, \
-                 deleted = excluded.deleted, body = excluded.body, seq = excluded.seq",
-            );
-            query.build().persistent(false).execute(&mut *self).await?;
+        let mut stmt = self.prepare_cached(
+            "INSERT INTO docs (db_id, id, rev, deleted, body, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (db_id, id) DO UPDATE SET rev = excluded.rev, \
+             deleted = excluded.deleted, body = excluded.body, seq = excluded.seq",
+        )?;
+        for row in rows {
+            stmt.execute((
+                row.db_id,
+                row.id.as_str(),
+                row.rev.to_string(),
+                row.deleted,
+                row.body.canonical_json(),
+                to_i64(row.seq),
+            ))?;
         }
         Ok(())
     }
 
     async fn put_events(&mut self, events: &[Event]) -> Result<()> {
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes) ",
-            );
-            query.push_values(chunk, |mut b, event| {
-                b.push_bind(to_i64(event.seq))
-                    .push_bind(event.sync_key.as_str())
-                    .push_bind(event.database.as_ref().map_or("", DbName::as_str))
-                    .push_bind(event.id.as_ref().map_or("", DocId::as_str))
-                    .push_bind(
-                        event
-                            .rev
-                            .as_ref()
-                            .map(ToString::to_string)
-                            .unwrap_or_default(),
-                    )
-                    .push_bind(event.deleted)
-                    .push_bind(aliases_json(&event.aliases))
-                    .push_bind(attributes_json(&event.attributes));
-            });
-            query.build().persistent(false).execute(&mut *self).await?;
+        let mut stmt = self.prepare_cached(
+            "INSERT INTO events (seq, sync_key, database, doc_id, rev, deleted, aliases, attributes) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for event in events {
+            stmt.execute((
+                to_i64(event.seq),
+                event.sync_key.as_str(),
+                event.database.as_ref().map_or("", DbName::as_str),
+                event.id.as_ref().map_or("", DocId::as_str),
+                event
+                    .rev
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                event.deleted,
+                aliases_json(&event.aliases),
+                attributes_json(&event.attributes),
+            ))?;
         }
         Ok(())
     }
 
     async fn insert_database(&mut self, id: i64, info: &DatabaseInfo) -> Result<()> {
-        sqlx::query(
+        self.prepare_cached(
             "INSERT INTO databases (id, name, sync_key, created_seq) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(id)
-        .bind(info.name.as_str())
-        .bind(info.sync_key.as_str())
-        .bind(to_i64(info.created_seq))
-        .execute(&mut *self)
-        .await?;
+        )?
+        .execute((
+            id,
+            info.name.as_str(),
+            info.sync_key.as_str(),
+            to_i64(info.created_seq),
+        ))?;
         Ok(())
     }
 
     async fn delete_database(&mut self, id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM docs WHERE db_id = ?1")
-            .bind(id)
-            .execute(&mut *self)
-            .await?;
-        sqlx::query("DELETE FROM databases WHERE id = ?1")
-            .bind(id)
-            .execute(&mut *self)
-            .await?;
+        self.prepare_cached("DELETE FROM docs WHERE db_id = ?1")?
+            .execute([id])?;
+        self.prepare_cached("DELETE FROM databases WHERE id = ?1")?
+            .execute([id])?;
         Ok(())
     }
 
-    /// Counters, pruning and the commit in one round trip. Every value is an
-    /// integer the writer computed, so writing them into the SQL text is safe.
+    /// Counters, pruning and the commit.
     async fn finish(&mut self, tail: Tail) -> Result<()> {
-        use std::fmt::Write as _;
-        let mut sql = String::new();
-        for (db_id, delta, update_seq) in tail.databases {
-            let _ = writeln!(
-                sql,
-                "UPDATE databases SET doc_count = doc_count + {delta}, update_seq = {} WHERE id = {db_id};",
-                to_i64(update_seq)
-            );
+        if !tail.databases.is_empty() {
+            let mut stmt = self.prepare_cached(
+                "UPDATE databases SET doc_count = doc_count + ?1, update_seq = ?2 WHERE id = ?3",
+            )?;
+            for (db_id, delta, update_seq) in tail.databases {
+                stmt.execute((delta, to_i64(update_seq), db_id))?;
+            }
         }
+        let mut counter = self.prepare_cached("UPDATE counters SET value = ?2 WHERE name = ?1")?;
         if let Some(id) = tail.last_db_id {
-            let _ = writeln!(
-                sql,
-                "UPDATE counters SET value = {id} WHERE name = 'last_db_id';"
-            );
+            counter.execute(("last_db_id", id))?;
         }
         if let Some(seq) = tail.last_seq {
-            let _ = writeln!(
-                sql,
-                "UPDATE counters SET value = {} WHERE name = 'last_seq';",
-                to_i64(seq)
-            );
+            counter.execute(("last_seq", to_i64(seq)))?;
         }
         if let Some(through) = tail.prune_through {
             let through = to_i64(through);
-            let _ = writeln!(
-                sql,
-                "DELETE FROM events WHERE seq <= {through};\n\
-                 UPDATE counters SET value = {through} WHERE name = 'pruned_through';"
-            );
+            self.prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+                .execute([through])?;
+            counter.execute(("pruned_through", through))?;
         }
-        sql.push_str("COMMIT;");
-        sqlx::query(&sql)
-            .persistent(false)
-            .execute(&mut *self)
-            .await?;
+        self.prepare_cached("COMMIT")?.execute([])?;
         Ok(())
     }
 }
 
-/// `SELECT {columns} FROM docs WHERE db_id = ? AND id IN (?, ...)`: one
-/// round trip for a chunk of documents of one database.
-fn select_docs<'a>(
-    columns: &str,
-    db_id: i64,
-    ids: impl Iterator<Item = &'a DocId>,
-) -> QueryBuilder<'a, Sqlite> {
-    let mut query = QueryBuilder::new(format!("SELECT {columns} FROM docs WHERE db_id = "));
-    query.push_bind(db_id).push(" AND id IN (");
-    let mut list = query.separated(", ");
-    for id in ids {
-        list.push_bind(id.as_str());
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Storage(Box::new(e))
     }
-    query.push(")");
-    query
 }
 
-async fn load_databases(conn: &mut SqliteConnection) -> Result<HashMap<DbName, DbRow>> {
-    let rows = sqlx::query("SELECT id, name, sync_key FROM databases")
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                DbName::parse("stored name", row.try_get("name")?)?,
-                DbRow {
-                    id: row.try_get("id")?,
-                    sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
-                },
-            ))
-        })
-        .collect()
+/// A text column, borrowed from the row.
+fn text<'r>(row: &'r rusqlite::Row<'_>, column: usize) -> Result<&'r str> {
+    row.get_ref(column)?
+        .as_str()
+        .map_err(|e| Error::Storage(Box::new(e)))
+}
+
+fn load_databases(conn: &Connection) -> Result<HashMap<DbName, DbRow>> {
+    let mut stmt = conn.prepare("SELECT id, name, sync_key FROM databases")?;
+    let mut rows = stmt.query([])?;
+    let mut out = HashMap::new();
+    while let Some(row) = rows.next()? {
+        out.insert(
+            DbName::parse("stored name", text(row, 1)?)?,
+            DbRow {
+                id: row.get(0)?,
+                sync_key: SyncKey::parse("stored sync_key", text(row, 2)?)?,
+            },
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -460,6 +464,7 @@ mod tests {
             .run_direct(&mut conn)
             .await
             .unwrap();
+        sqlx::Connection::close(conn).await.unwrap();
         let retention = Retention {
             keep: 1000,
             pruned_through: 0,
@@ -469,9 +474,8 @@ mod tests {
             max_bytes: 1 << 26,
             nudge: Arc::default(),
         };
-        Writer::new(conn, 0, retention, wal, Arc::new(|_| {}))
-            .await
-            .unwrap()
+        let conn = open_connection(&path, Durability::Full).unwrap();
+        Writer::new(conn, 0, retention, wal, Arc::new(|_| {})).unwrap()
     }
 
     /// Commits `ops` as one batch; returns each op's outcome.
@@ -551,25 +555,34 @@ mod tests {
             matches!(outcomes.next(), Some(Ok(Outcome::Written(r))) if r[0].as_ref().unwrap().seq == 3)
         );
 
-        let (id, doc_count, update_seq, created_seq): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT id, doc_count, update_seq, created_seq FROM databases WHERE name = 'cars'",
-        )
-        .fetch_one(&mut w.conn)
-        .await
-        .unwrap();
+        let (id, doc_count, update_seq, created_seq): (i64, i64, i64, i64) = w
+            .conn
+            .query_row(
+                "SELECT id, doc_count, update_seq, created_seq FROM databases WHERE name = 'cars'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
         assert_ne!(id, old_id);
         assert_eq!((doc_count, update_seq, created_seq), (1, 3, 2));
-        let ids: Vec<(i64, String)> = sqlx::query_as("SELECT db_id, id FROM docs")
-            .fetch_all(&mut w.conn)
-            .await
+        let ids: Vec<(i64, String)> = w
+            .conn
+            .prepare("SELECT db_id, id FROM docs")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(ids, [(id, "y".to_owned())]);
         // The deletion is logged for replay: database set, no document.
-        let logged: Vec<(i64, String, String, bool)> =
-            sqlx::query_as("SELECT seq, database, doc_id, deleted FROM events ORDER BY seq")
-                .fetch_all(&mut w.conn)
-                .await
-                .unwrap();
+        let logged: Vec<(i64, String, String, bool)> = w
+            .conn
+            .prepare("SELECT seq, database, doc_id, deleted FROM events ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
         assert_eq!(
             logged,
             [
