@@ -99,7 +99,8 @@ pub(super) async fn open(
         nudge: Arc::new(tokio::sync::Notify::new()),
     };
     let nudge = wal.nudge.clone();
-    let writer = Writer::new(write_conn, last_seq, retention, wal, wiring.publish)?;
+    let (deliveries, deliveries_rx) = mpsc::channel(writer::DELIVERY_QUEUE);
+    let writer = Writer::new(write_conn, last_seq, retention, wal, deliveries)?;
     let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let (closed, failed) = (wiring.closed, wiring.failed);
     let checkpoint_conn = base.connect().await?;
@@ -111,6 +112,11 @@ pub(super) async fn open(
                 "agsync-writer",
                 batch::serve(writer, wiring.writer, options.max_batch.max(1)),
             ),
+        ),
+        supervise(
+            "delivery",
+            failed.clone(),
+            writer::deliver(deliveries_rx, wiring.publish),
         ),
         supervise(
             "checkpointer",

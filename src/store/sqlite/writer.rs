@@ -6,8 +6,11 @@
 //! commit without a thread switch (sqlx would run each statement on a
 //! worker thread of its own and wake the writer after each, which measured
 //! as most of a batch's time). Replies are sent, and events published, only
-//! after the commit succeeded. It also keeps the WAL under its bound
-//! (`WalBound`).
+//! after the commit succeeded, by `deliver`, a task on the request runtime:
+//! waking thousands of subscribers and the batch's callers from a worker of
+//! that runtime is several times cheaper than from a foreign thread
+//! (measured: a Put's publish to 5,000 subscribers took 11 ms on the writer
+//! thread). It also keeps the WAL under its bound (`WalBound`).
 //!
 //! Invariants: only this thread writes, so revision checks and seq
 //! assignment need no locks (they run in commit order); `State` mirrors
@@ -18,9 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::super::batch::{
-    self, Current, DbRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json, attributes_json,
+    self, Current, DbRow, Engine, Outcome, Queued, Reply, Retention, State, Tail, Tx, aliases_json,
+    attributes_json,
 };
 use super::super::{Durability, Publisher, parse_stored_rev, to_i64, to_u64};
 use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
@@ -92,7 +97,50 @@ pub(super) struct Writer {
     wal: WalBound,
     /// When the writer last warned that the WAL is over its bound.
     over_bound_warned: Option<std::time::Instant>,
-    publish: Publisher,
+    deliveries: mpsc::Sender<Delivery>,
+}
+
+/// What a batch hands to `deliver`: its events to publish, then the answers.
+pub(super) struct Delivery {
+    events: Vec<Event>,
+    answers: Vec<(Reply, Result<Outcome>)>,
+    /// Given back once the requests are answered.
+    permits: Vec<Option<OwnedSemaphorePermit>>,
+    /// Answered once everything before it was delivered (at close).
+    flushed: Option<oneshot::Sender<()>>,
+}
+
+/// Hands a batch's answers to `deliver`. If it is gone (the server is
+/// failing), the answers are dropped: the callers see the writer gone.
+/// (Not a method: the future must not borrow the connection, which is not
+/// `Sync`.)
+async fn hand_over(deliveries: &mpsc::Sender<Delivery>, delivery: Delivery) {
+    if deliveries.send(delivery).await.is_err() {
+        tracing::error!("the delivery task is gone; a batch's answers are lost");
+    }
+}
+
+/// Batches a delivery may be behind the writer; the writer waits beyond.
+pub(super) const DELIVERY_QUEUE: usize = 16;
+
+/// Publishes each committed batch's events, in commit order, then answers
+/// its requests. Ends when the writer is gone.
+pub(super) async fn deliver(mut rx: mpsc::Receiver<Delivery>, publish: Publisher) -> Result<()> {
+    while let Some(delivery) = rx.recv().await {
+        if !delivery.events.is_empty() {
+            publish(&delivery.events);
+        }
+        // A caller that went away (cancelled RPC) no longer needs the
+        // reply; the write is committed either way.
+        for (reply, result) in delivery.answers {
+            let _ = reply.send(result);
+        }
+        drop(delivery.permits);
+        if let Some(flushed) = delivery.flushed {
+            let _ = flushed.send(());
+        }
+    }
+    Ok(())
 }
 
 impl Writer {
@@ -101,7 +149,7 @@ impl Writer {
         last_seq: u64,
         retention: Retention,
         wal: WalBound,
-        publish: Publisher,
+        deliveries: mpsc::Sender<Delivery>,
     ) -> Result<Self> {
         let databases = load_databases(&conn)?;
         let last_db_id: i64 = conn.query_row(
@@ -119,7 +167,7 @@ impl Writer {
             },
             wal,
             over_bound_warned: None,
-            publish,
+            deliveries,
         })
     }
 
@@ -189,7 +237,7 @@ impl Writer {
 
 impl Engine for Writer {
     async fn commit(&mut self, queued: Vec<Queued>) -> bool {
-        let (ops, replies, _permits) = batch::unzip(queued);
+        let (ops, replies, permits) = batch::unzip(queued);
         let before = (
             self.state.last_seq,
             self.state.last_db_id,
@@ -216,30 +264,34 @@ impl Engine for Writer {
                 "a batch took long to commit"
             );
         }
-        let committed = match outcome {
-            Ok(results) => {
-                if !events.is_empty() {
-                    (self.publish)(&events);
-                }
-                // A caller that went away (cancelled RPC) no longer needs the
-                // reply; the write is committed either way.
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
-                true
-            }
+        let (committed, answers) = match outcome {
+            Ok(results) => (true, replies.into_iter().zip(results).collect()),
             Err(e) => {
                 tracing::error!(error = %e, "batch failed; it is rolled back");
                 self.restore(before.0, before.1, before.2);
-                batch::fail_all(replies, || {
-                    Error::Storage(
+                events.clear();
+                let failed = || {
+                    Err(Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
                             .into(),
-                    )
-                });
-                false
+                    ))
+                };
+                (
+                    false,
+                    replies.into_iter().map(|reply| (reply, failed())).collect(),
+                )
             }
         };
+        hand_over(
+            &self.deliveries,
+            Delivery {
+                events,
+                answers,
+                permits,
+                flushed: None,
+            },
+        )
+        .await;
         if committed {
             let wal = self.wal.len();
             if wal > self.wal.max_bytes / 2 {
@@ -268,6 +320,19 @@ impl Engine for Writer {
     }
 
     async fn close(self) {
+        // Every answer is out before the writer reports itself closed.
+        let (flushed, done) = oneshot::channel();
+        hand_over(
+            &self.deliveries,
+            Delivery {
+                events: Vec::new(),
+                answers: Vec::new(),
+                permits: Vec::new(),
+                flushed: Some(flushed),
+            },
+        )
+        .await;
+        let _ = done.await;
         let conn = self.conn;
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
             tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
@@ -445,7 +510,7 @@ mod tests {
 
     use sqlx::ConnectOptions;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-    use tokio::sync::{Semaphore, oneshot};
+    use tokio::sync::Semaphore;
 
     use super::*;
     use crate::domain::{DocChange, DocWrite};
@@ -475,7 +540,9 @@ mod tests {
             nudge: Arc::default(),
         };
         let conn = open_connection(&path, Durability::Full).unwrap();
-        Writer::new(conn, 0, retention, wal, Arc::new(|_| {})).unwrap()
+        let (deliveries, rx) = mpsc::channel(DELIVERY_QUEUE);
+        tokio::spawn(deliver(rx, Arc::new(|_| {})));
+        Writer::new(conn, 0, retention, wal, deliveries).unwrap()
     }
 
     /// Commits `ops` as one batch; returns each op's outcome.
