@@ -467,28 +467,55 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    let database: &str = row.try_get("database")?;
-    let doc_id: &str = row.try_get("doc_id")?;
-    let rev: &str = row.try_get("rev")?;
-    let aliases: Vec<String> =
-        serde_json::from_str(row.try_get("aliases")?).map_err(|e| Error::Storage(Box::new(e)))?;
-    let attributes: BTreeMap<String, String> = serde_json::from_str(row.try_get("attributes")?)
-        .map_err(|e| Error::Storage(Box::new(e)))?;
-    Ok(Event {
-        seq: to_u64(row.try_get("seq")?),
-        sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
-        database: optional(database)
-            .map(|d| DbName::parse("stored database", &d))
-            .transpose()?,
-        id: optional(doc_id)
-            .map(|d| DocId::parse("stored id", &d))
-            .transpose()?,
-        rev: optional(rev).map(|r| parse_stored_rev(&r)).transpose()?,
+    StoredEvent {
+        seq: row.try_get("seq")?,
+        sync_key: row.try_get("sync_key")?,
+        database: row.try_get("database")?,
+        doc_id: row.try_get("doc_id")?,
+        rev: row.try_get("rev")?,
         deleted: row.try_get("deleted")?,
-        aliases: Alias::parse_list("stored aliases", &aliases)?,
-        attributes,
-    })
+        aliases: row.try_get("aliases")?,
+        attributes: row.try_get("attributes")?,
+    }
+    .parse()
+}
+
+/// The columns of a stored event, as both backends' rows give them.
+struct StoredEvent<'r> {
+    seq: i64,
+    sync_key: &'r str,
+    database: &'r str,
+    doc_id: &'r str,
+    rev: &'r str,
+    deleted: bool,
+    aliases: &'r str,
+    attributes: &'r str,
+}
+
+impl StoredEvent<'_> {
+    fn parse(self) -> Result<Event> {
+        let optional = |s: &str| (!s.is_empty()).then_some(());
+        let aliases: Vec<String> =
+            serde_json::from_str(self.aliases).map_err(|e| Error::Storage(Box::new(e)))?;
+        let attributes: BTreeMap<String, String> =
+            serde_json::from_str(self.attributes).map_err(|e| Error::Storage(Box::new(e)))?;
+        Ok(Event {
+            seq: to_u64(self.seq),
+            sync_key: SyncKey::parse("stored sync_key", self.sync_key)?,
+            database: optional(self.database)
+                .map(|()| DbName::parse("stored database", self.database))
+                .transpose()?,
+            id: optional(self.doc_id)
+                .map(|()| DocId::parse("stored id", self.doc_id))
+                .transpose()?,
+            rev: optional(self.rev)
+                .map(|()| parse_stored_rev(self.rev))
+                .transpose()?,
+            deleted: self.deleted,
+            aliases: Alias::parse_list("stored aliases", &aliases)?,
+            attributes,
+        })
+    }
 }
 
 /// Decodes a stored database row.

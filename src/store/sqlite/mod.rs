@@ -3,6 +3,7 @@
 //! the only write connection, plus a PASSIVE checkpointer. No sqlx type leaves
 //! this module.
 
+mod log;
 mod reader;
 mod writer;
 
@@ -21,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, Retention};
 use super::{
-    ChangesPage, Durability, EventPage, StoreOptions, database_from_row, event_from_row,
-    parse_stored_rev, supervise, to_i64, to_u64,
+    ChangesPage, Durability, EventPage, StoreOptions, database_from_row, parse_stored_rev,
+    supervise, to_i64, to_u64,
 };
 use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result, SyncKey};
 use writer::{WalBound, Writer};
@@ -40,6 +41,8 @@ pub(super) struct Reads {
     scans: Semaphore,
     /// Point reads, coalesced by `reader::dispatch`.
     gets: mpsc::Sender<reader::GetRequest>,
+    /// Event pages for replay (under a scan permit).
+    log: Arc<log::LogReaders>,
 }
 
 /// Opens (creating if needed) and migrates the file, then starts the
@@ -135,6 +138,7 @@ pub(super) async fn open(
             reader,
             scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
             gets,
+            log: log::LogReaders::new(path.to_owned()),
         }),
         tasks,
         reachable,
@@ -229,39 +233,15 @@ impl Reads {
         limit: u32,
         max_bytes: usize,
     ) -> Result<EventPage> {
-        let (_permit, mut conn) = self.scan().await?;
-        let (head, pruned_through) = read_counters(&mut conn).await?;
-        let mut query = sqlx::QueryBuilder::new(
-            "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
-             FROM events WHERE seq > ",
-        );
-        query.push_bind(to_i64(after)).push(" AND sync_key IN (");
-        let mut keys_list = query.separated(", ");
-        for key in keys {
-            keys_list.push_bind(key.as_str());
-        }
-        query
-            .push(") ORDER BY seq LIMIT ")
-            .push_bind(i64::from(limit));
-        let mut events = Vec::new();
-        {
-            let mut rows = query.build().fetch(&mut *conn);
-            let mut bytes = 0;
-            while let Some(row) = rows.try_next().await? {
-                let event = event_from_row(&row)?;
-                bytes += event.approx_bytes();
-                events.push(event);
-                if bytes >= max_bytes {
-                    break;
-                }
-            }
-        }
-        conn.commit().await?;
-        Ok(EventPage {
-            events,
-            head,
-            pruned_through,
-        })
+        let _permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        let (log, keys) = (self.log.clone(), keys.to_vec());
+        tokio::task::spawn_blocking(move || log.read_events(&keys, after, limit, max_bytes))
+            .await
+            .map_err(|e| Error::Storage(Box::new(e)))?
     }
 
     pub(super) async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {

@@ -1,0 +1,159 @@
+//! Pages of the event log for replay, read through SQLite's own API
+//! (rusqlite) on a blocking thread: one hand-off per page. Through sqlx each
+//! row crossed from its worker thread to the task (a channel send and, every
+//! few rows, a wake-up), which measured as most of a replay's time.
+//!
+//! The connections are read-only and kept for reuse; there are at most as
+//! many as scans run at once (`Reads::scans`), and each has a small page
+//! cache: the log is read in order, through mmap.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::super::{EventPage, StoredEvent, to_i64, to_u64};
+use crate::domain::{Error, Result, SyncKey};
+
+pub(super) struct LogReaders {
+    path: PathBuf,
+    /// Connections not in use.
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl LogReaders {
+    pub(super) fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(LogReaders {
+            path,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Up to `limit` events with seq > `after` for `keys`, and no more than
+    /// `max_bytes` of them (at least one), with the head and retention as of
+    /// the same snapshot. Blocks: call it on a blocking thread.
+    pub(super) fn read_events(
+        &self,
+        keys: &[SyncKey],
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<EventPage> {
+        let conn = self.take()?;
+        let page = read_page(&conn, keys, after, limit, max_bytes);
+        // A failed read leaves no transaction open (see `read_page`); the
+        // connection is fine to reuse.
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        page
+    }
+
+    fn take(&self) -> Result<Connection> {
+        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match reused {
+            Some(conn) => Ok(conn),
+            None => open(&self.path),
+        }
+    }
+}
+
+fn open(path: &std::path::Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA cache_size = -2048; PRAGMA mmap_size = 268435456;")?;
+    Ok(conn)
+}
+
+fn read_page(
+    conn: &Connection,
+    keys: &[SyncKey],
+    after: u64,
+    limit: u32,
+    max_bytes: usize,
+) -> Result<EventPage> {
+    conn.execute_batch("BEGIN")?;
+    let page = read_in_snapshot(conn, keys, after, limit, max_bytes);
+    // A read transaction: ending it cannot lose anything.
+    let end = conn.execute_batch("COMMIT");
+    let page = page?;
+    end?;
+    Ok(page)
+}
+
+fn read_in_snapshot(
+    conn: &Connection,
+    keys: &[SyncKey],
+    after: u64,
+    limit: u32,
+    max_bytes: usize,
+) -> Result<EventPage> {
+    let mut counters = conn.prepare_cached(
+        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
+    )?;
+    let (mut head, mut pruned_through) = (None, None);
+    let mut rows = counters.query([])?;
+    while let Some(row) = rows.next()? {
+        let value = to_u64(row.get(1)?);
+        match row.get_ref(0)?.as_str().unwrap_or_default() {
+            "last_seq" => head = Some(value),
+            "pruned_through" => pruned_through = Some(value),
+            _ => {}
+        }
+    }
+    let missing = |name: &str| Error::Storage(format!("counter {name} is missing").into());
+    let head = head.ok_or_else(|| missing("last_seq"))?;
+    let pruned_through = pruned_through.ok_or_else(|| missing("pruned_through"))?;
+
+    // One statement per key count, kept prepared. (Not padded to a few
+    // sizes: with one key, `IN (?)` is an equality and the key index gives
+    // seq order; a padded list made SQLite sort every page.)
+    let placeholders = (0..keys.len())
+        .map(|i| format!("?{}", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut select = conn.prepare_cached(&format!(
+        "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
+         FROM events WHERE seq > ?1 AND sync_key IN ({placeholders}) ORDER BY seq LIMIT ?2"
+    ))?;
+    select.raw_bind_parameter(1, to_i64(after))?;
+    select.raw_bind_parameter(2, i64::from(limit))?;
+    for (i, key) in keys.iter().enumerate() {
+        select.raw_bind_parameter(i + 3, key.as_str())?;
+    }
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    let mut rows = select.raw_query();
+    while let Some(row) = rows.next()? {
+        let text = |i| -> Result<&str> {
+            row.get_ref(i)?
+                .as_str()
+                .map_err(|e| Error::Storage(Box::new(e)))
+        };
+        let event = StoredEvent {
+            seq: row.get(0)?,
+            sync_key: text(1)?,
+            database: text(2)?,
+            doc_id: text(3)?,
+            rev: text(4)?,
+            deleted: row.get(5)?,
+            aliases: text(6)?,
+            attributes: text(7)?,
+        }
+        .parse()?;
+        bytes += event.approx_bytes();
+        events.push(event);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(EventPage {
+        events,
+        head,
+        pruned_through,
+    })
+}
