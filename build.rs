@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec with smaller buffers (see src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
     let etcd = protox::compile(["etcd/etcdserverpb/rpc.proto"], ["bench/etcd-proto"])?;
     tonic_prost_build::configure()

@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod hub;
