@@ -33,7 +33,6 @@ impl<T, U> Default for Codec<T, U> {
     }
 }
 
-
 impl<T, U> tonic::codec::Codec for Codec<T, U>
 where
     T: Message + Send + 'static,
