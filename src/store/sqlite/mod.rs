@@ -269,6 +269,14 @@ impl Reads {
     }
 }
 
+/// SQLite's own errors (the writer's and the replay reader's connections),
+/// like sqlx's (`store`): a storage failure.
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Storage(Box::new(e))
+    }
+}
+
 /// The WAL file of the database at `path`, as SQLite names it.
 fn wal_path(path: &std::path::Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();

@@ -475,12 +475,6 @@ impl Tx for Connection {
     }
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::Storage(Box::new(e))
-    }
-}
-
 /// A text column, borrowed from the row.
 fn text<'r>(row: &'r rusqlite::Row<'_>, column: usize) -> Result<&'r str> {
     row.get_ref(column)?
