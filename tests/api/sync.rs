@@ -270,6 +270,44 @@ async fn aliases_restrict_the_audience() {
     assert_eq!(next_subscribed(&mut anon_replay).await, for_alice);
 }
 
+/// A replay over several keys: the events of exactly those keys, each once,
+/// in seq order across the keys (the log is read for all of them at once).
+#[tokio::test]
+async fn replay_over_several_keys_is_in_seq_order() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client.clone();
+    for (db, key) in [("a", "key.a"), ("b", "key.b"), ("c", "key.c")] {
+        create_db_with_key(&mut c, db, key).await;
+    }
+    let mut want = Vec::new();
+    for i in 0..30 {
+        let db = ["a", "b", "c"][i % 3];
+        let seq = put(&mut c, db, &format!("d{i}"), "", json!({}))
+            .await
+            .unwrap()
+            .seq;
+        if db != "b" {
+            want.push((db, seq));
+        }
+    }
+    let mut stream = subscribe(&mut c, &["key.c", "key.a"], Some(0), "")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        match next_event(&mut stream).await {
+            Event::Notification(n) => got.push((n.database.clone(), n.seq)),
+            Event::Subscribed(s) => {
+                assert_eq!(s.head_seq, want.last().unwrap().1, "head is the last write");
+                break;
+            }
+            Event::Progress(_) => panic!("no progress expected"),
+        }
+    }
+    let want: Vec<(String, u64)> = want.into_iter().map(|(d, s)| (d.to_owned(), s)).collect();
+    assert_eq!(got, want);
+}
+
 #[tokio::test]
 async fn replay_with_since_then_live() {
     let mut srv = TestServer::start().await;
