@@ -494,22 +494,22 @@ struct StoredEvent<'r> {
 
 impl StoredEvent<'_> {
     fn parse(self) -> Result<Event> {
-        let optional = |s: &str| (!s.is_empty()).then_some(());
         let aliases: Vec<String> =
             serde_json::from_str(self.aliases).map_err(|e| Error::Storage(Box::new(e)))?;
         let attributes: BTreeMap<String, String> =
             serde_json::from_str(self.attributes).map_err(|e| Error::Storage(Box::new(e)))?;
+        // '' stands for "none" in these columns.
         Ok(Event {
             seq: to_u64(self.seq),
             sync_key: SyncKey::parse("stored sync_key", self.sync_key)?,
-            database: optional(self.database)
-                .map(|()| DbName::parse("stored database", self.database))
+            database: (!self.database.is_empty())
+                .then(|| DbName::parse("stored database", self.database))
                 .transpose()?,
-            id: optional(self.doc_id)
-                .map(|()| DocId::parse("stored id", self.doc_id))
+            id: (!self.doc_id.is_empty())
+                .then(|| DocId::parse("stored id", self.doc_id))
                 .transpose()?,
-            rev: optional(self.rev)
-                .map(|()| parse_stored_rev(self.rev))
+            rev: (!self.rev.is_empty())
+                .then(|| parse_stored_rev(self.rev))
                 .transpose()?,
             deleted: self.deleted,
             aliases: Alias::parse_list("stored aliases", &aliases)?,

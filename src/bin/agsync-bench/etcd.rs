@@ -562,14 +562,7 @@ async fn fanout(
         ("expected", expected.into()),
     ]);
     crate::workloads::fanout_notes(&mut r, subscribers, idle_rss, subscribed_rss);
-    r.notes.push(format!(
-        "delivered {delivered}/{expected}; latency from before the Put to receipt"
-    ));
-    if delivered != expected {
-        r.failed.push(format!(
-            "etcd fanout delivered {delivered} of {expected} events"
-        ));
-    }
+    crate::workloads::fanout_delivery(&mut r, "etcd fanout", delivered, expected);
     Ok(r)
 }
 

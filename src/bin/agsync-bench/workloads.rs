@@ -833,16 +833,22 @@ async fn fanout(
         r.notes
             .push("no-op server delivers nothing: latency is its Put round trip".into());
     } else {
-        r.notes.push(format!(
-            "delivered {delivered}/{expected}; latency from before the Put to receipt"
-        ));
-        if delivered != expected {
-            r.failed.push(format!(
-                "fanout delivered {delivered} of {expected} notifications"
-            ));
-        }
+        fanout_delivery(&mut r, "fanout", delivered, expected);
     }
     Ok(r)
+}
+
+/// Notes how many of the expected notifications a fan-out delivered, and
+/// fails the run (`label` names it) unless it is all of them.
+pub(crate) fn fanout_delivery(r: &mut Report, label: &str, delivered: u64, expected: u64) {
+    r.notes.push(format!(
+        "delivered {delivered}/{expected}; latency from before the Put to receipt"
+    ));
+    if delivered != expected {
+        r.failed.push(format!(
+            "{label} delivered {delivered} of {expected} notifications"
+        ));
+    }
 }
 
 /// Records a fan-out's server RSS idle and with its subscribers open.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::super::{EventPage, StoredEvent, to_i64, to_u64};
+use super::super::{EventPage, StoredEvent, to_i64};
 use crate::domain::{Error, Result, SyncKey};
 
 pub(super) struct LogReaders {
@@ -92,22 +92,11 @@ fn read_in_snapshot(
     limit: u32,
     max_bytes: usize,
 ) -> Result<EventPage> {
-    let mut counters = conn.prepare_cached(
-        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
-    )?;
-    let (mut head, mut pruned_through) = (None, None);
-    let mut rows = counters.query([])?;
-    while let Some(row) = rows.next()? {
-        let value = to_u64(row.get(1)?);
-        match row.get_ref(0)?.as_str().unwrap_or_default() {
-            "last_seq" => head = Some(value),
-            "pruned_through" => pruned_through = Some(value),
-            _ => {}
-        }
-    }
-    let missing = |name: &str| Error::Storage(format!("counter {name} is missing").into());
-    let head = head.ok_or_else(|| missing("last_seq"))?;
-    let pruned_through = pruned_through.ok_or_else(|| missing("pruned_through"))?;
+    let counters = conn
+        .prepare_cached(super::COUNTERS_SQL)?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+    let (head, pruned_through) = super::head_and_pruned(&counters)?;
 
     // One statement per key count, kept prepared. (Not padded to a few
     // sizes: with one key, `IN (?)` is an equality and the key index gives

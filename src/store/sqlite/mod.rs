@@ -319,11 +319,17 @@ async fn checkpointer(
 }
 
 async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<(u64, u64)> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(COUNTERS_SQL).fetch_all(&mut *conn).await?;
+    head_and_pruned(&rows)
+}
+
+/// Reads the `counters` rows `head_and_pruned` takes.
+const COUNTERS_SQL: &str =
+    "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')";
+
+/// The highest committed seq and the seq the log is pruned through, from
+/// the rows of `COUNTERS_SQL`.
+fn head_and_pruned(rows: &[(String, i64)]) -> Result<(u64, u64)> {
     let get = |name: &str| {
         rows.iter()
             .find(|(n, _)| n == name)
