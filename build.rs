@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/agsync/v1/sync.proto"];
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=bench/etcd-proto");
+    // sqlx::migrate! embeds migrations/ at compile time; without this a new
+    // migration file would not trigger a rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("agsync_descriptor.bin"), fds.encode_to_vec())?;
