@@ -4,6 +4,8 @@
 //! read back from storage are not parsed here: the API layer decodes the
 //! text straight into its wire type.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use super::{Error, Result};
@@ -20,7 +22,8 @@ pub struct BodyLimits {
 /// A validated JSON object body, as canonical JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body {
-    canonical: String,
+    /// Shared: a batch keeps the body it writes as the document's state too.
+    canonical: Arc<str>,
 }
 
 impl Body {
@@ -61,7 +64,7 @@ impl Body {
             return Err(Error::Storage("stored body is not a JSON object".into()));
         }
         Ok(Body {
-            canonical: json.to_owned(),
+            canonical: json.into(),
         })
     }
 
@@ -74,7 +77,7 @@ impl Body {
         // serde_json's Map is a BTreeMap (the `preserve_order` feature is
         // off), so serialization sorts keys: this is the canonical form.
         Body {
-            canonical: Value::Object(map).to_string(),
+            canonical: Value::Object(map).to_string().into(),
         }
     }
 

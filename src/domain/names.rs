@@ -2,9 +2,12 @@
 //! exactly which rule the input broke.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::{Error, Result};
 
+// Each is an `Arc<str>`: a batch clones ids and names into its rows, events
+// and lookup keys, and a clone is then a reference count, not a copy.
 macro_rules! string_newtype {
     ($name:ident) => {
         impl $name {
@@ -12,7 +15,7 @@ macro_rules! string_newtype {
                 &self.0
             }
             pub fn into_string(self) -> String {
-                self.0
+                self.0.to_string()
             }
         }
         impl fmt::Display for $name {
@@ -30,7 +33,7 @@ macro_rules! string_newtype {
 
 /// A database name: CouchDB's rule `^[a-z][a-z0-9_$()+/-]*$`, at most 238 chars.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DbName(String);
+pub struct DbName(Arc<str>);
 string_newtype!(DbName);
 
 impl DbName {
@@ -68,13 +71,13 @@ impl DbName {
                 ),
             ));
         }
-        Ok(DbName(s.to_owned()))
+        Ok(DbName(s.into()))
     }
 }
 
 /// A document id: non-empty UTF-8, at most 1024 bytes, not starting with `_`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DocId(String);
+pub struct DocId(Arc<str>);
 string_newtype!(DocId);
 
 impl DocId {
@@ -100,38 +103,38 @@ impl DocId {
                 format!("document id {s:?} starts with '_', which is reserved; choose another id"),
             ));
         }
-        Ok(DocId(s.to_owned()))
+        Ok(DocId(s.into()))
     }
 
     /// An id the server just generated (see [`new_ids`]); always valid.
     fn generated(s: String) -> Self {
-        DocId(s)
+        DocId(s.into())
     }
 }
 
 /// A sync key naming a kind of data, e.g. `org.devnexus.sync.UserCalendar`:
 /// 1 to 256 bytes of printable ASCII without spaces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SyncKey(String);
+pub struct SyncKey(Arc<str>);
 string_newtype!(SyncKey);
 
 impl SyncKey {
     pub const MAX_BYTES: usize = 256;
 
     pub fn parse(field: &str, s: &str) -> Result<Self> {
-        printable_token(field, "sync key", s, Self::MAX_BYTES).map(|()| SyncKey(s.to_owned()))
+        printable_token(field, "sync key", s, Self::MAX_BYTES).map(|()| SyncKey(s.into()))
     }
 
     /// The default sync key of a database: its name (always a valid key).
     pub fn from_db_name(name: &DbName) -> Self {
-        SyncKey(name.as_str().to_owned())
+        SyncKey(name.0.clone())
     }
 }
 
 /// An alias (a user) a notification is addressed to: 1 to 256 bytes of
 /// printable ASCII without spaces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Alias(String);
+pub struct Alias(Arc<str>);
 string_newtype!(Alias);
 
 impl Alias {
@@ -140,7 +143,7 @@ impl Alias {
     pub const MAX_PER_NOTIFICATION: usize = 1000;
 
     pub fn parse(field: &str, s: &str) -> Result<Self> {
-        printable_token(field, "alias", s, Self::MAX_BYTES).map(|()| Alias(s.to_owned()))
+        printable_token(field, "alias", s, Self::MAX_BYTES).map(|()| Alias(s.into()))
     }
 
     /// Parses an audience list, sorted and without duplicates.

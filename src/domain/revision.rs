@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -13,7 +14,9 @@ use super::{Body, Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rev {
     generation: u64,
-    hash: String,
+    /// The whole `N-<hash>` text, shared: a write's revision goes into its
+    /// row, its event and its answer, and is bound to SQL as it is.
+    text: Arc<str>,
 }
 
 impl Rev {
@@ -25,19 +28,27 @@ impl Rev {
     /// `parent` (`None` for a brand-new document).
     pub fn next(parent: Option<&Rev>, deleted: bool, body: &Body) -> Rev {
         let mut hasher = Sha256::new();
-        let parent_str = parent.map(Rev::to_string).unwrap_or_default();
-        hasher.update(parent_str.as_bytes());
+        hasher.update(parent.map_or("", Rev::as_str).as_bytes());
         hasher.update([0, u8::from(deleted), 0]);
         hasher.update(body.canonical_json().as_bytes());
         let digest = hasher.finalize();
+        let generation = parent.map_or(1, |p| p.generation + 1);
+        let mut text = generation.to_string();
+        text.push('-');
+        text.push_str(&hex::encode(&digest[..16]));
         Rev {
-            generation: parent.map_or(1, |p| p.generation + 1),
-            hash: hex::encode(&digest[..16]),
+            generation,
+            text: text.into(),
         }
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// `N-<hash>`, as stored and sent.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 }
 
@@ -62,14 +73,14 @@ impl FromStr for Rev {
         }
         Ok(Rev {
             generation,
-            hash: hash.to_owned(),
+            text: s.into(),
         })
     }
 }
 
 impl fmt::Display for Rev {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.generation, self.hash)
+        f.write_str(&self.text)
     }
 }
 

@@ -14,6 +14,7 @@
 //! answered before the commit returned; a storage failure fails the whole
 //! batch.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -779,16 +780,28 @@ impl<T: Tx> Batch<'_, T> {
     }
 }
 
-pub(super) fn aliases_json(aliases: &[Alias]) -> String {
-    serde_json::Value::from(aliases.iter().map(Alias::as_str).collect::<Vec<_>>()).to_string()
+/// The `aliases` column: a JSON array of strings (`[]`, everyone, without
+/// an allocation).
+pub(super) fn aliases_json(aliases: &[Alias]) -> Cow<'static, str> {
+    if aliases.is_empty() {
+        return Cow::Borrowed("[]");
+    }
+    Cow::Owned(
+        serde_json::Value::from(aliases.iter().map(Alias::as_str).collect::<Vec<_>>()).to_string(),
+    )
 }
 
-pub(super) fn attributes_json(attributes: &BTreeMap<String, String>) -> String {
+/// The `attributes` column: a JSON object of strings (`{}` without an
+/// allocation).
+pub(super) fn attributes_json(attributes: &BTreeMap<String, String>) -> Cow<'static, str> {
+    if attributes.is_empty() {
+        return Cow::Borrowed("{}");
+    }
     let map: serde_json::Map<String, serde_json::Value> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
         .collect();
-    serde_json::Value::Object(map).to_string()
+    Cow::Owned(serde_json::Value::Object(map).to_string())
 }
 
 fn not_found(database: &DbName, id: &DocId) -> Error {

@@ -327,11 +327,16 @@ impl Tx for PgConnection {
                 .collect::<Vec<_>>(),
         )
         .bind(events.iter().map(|e| e.deleted).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| aliases_json(&e.aliases)).collect::<Vec<_>>())
         .bind(
             events
                 .iter()
-                .map(|e| attributes_json(&e.attributes))
+                .map(|e| aliases_json(&e.aliases).into_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| attributes_json(&e.attributes).into_owned())
                 .collect::<Vec<_>>(),
         )
         .execute(&mut *self)

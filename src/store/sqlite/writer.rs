@@ -28,7 +28,9 @@ use super::super::batch::{
     attributes_json,
 };
 use super::super::{Durability, Publisher, parse_stored_rev, to_i64, to_u64};
-use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
+use crate::domain::{
+    Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, Rev, SyncKey,
+};
 
 /// Opens the write connection to a database file that exists and is
 /// migrated, with the settings of `super::open`'s sqlx connections
@@ -393,7 +395,7 @@ impl Tx for Connection {
             stmt.execute((
                 row.db_id,
                 row.id.as_str(),
-                row.rev.to_string(),
+                row.rev.as_str(),
                 row.deleted,
                 row.body.canonical_json(),
                 to_i64(row.seq),
@@ -413,14 +415,10 @@ impl Tx for Connection {
                 event.sync_key.as_str(),
                 event.database.as_ref().map_or("", DbName::as_str),
                 event.id.as_ref().map_or("", DocId::as_str),
-                event
-                    .rev
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                event.rev.as_ref().map_or("", Rev::as_str),
                 event.deleted,
-                aliases_json(&event.aliases),
-                attributes_json(&event.attributes),
+                aliases_json(&event.aliases).as_ref(),
+                attributes_json(&event.attributes).as_ref(),
             ))?;
         }
         Ok(())
