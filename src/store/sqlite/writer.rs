@@ -345,44 +345,62 @@ impl Engine for Writer {
     }
 }
 
+/// Runs `sql` (`?1` the database id, `?2` a document id) once per id, in
+/// order, with one cached statement, and maps the row of each id found.
+fn each_found<T>(
+    conn: &Connection,
+    sql: &str,
+    db_id: i64,
+    ids: &[&DocId],
+    map: impl Fn(&DocId, &rusqlite::Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut stmt = conn.prepare_cached(sql)?;
+    for id in ids {
+        let mut rows = stmt.query((db_id, id.as_str()))?;
+        if let Some(row) = rows.next()? {
+            out.push(map(id, row)?);
+        }
+    }
+    Ok(out)
+}
+
 impl Tx for Connection {
     async fn doc_states(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<(DocId, Current)>> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut stmt =
-            self.prepare_cached("SELECT rev, deleted, seq FROM docs WHERE db_id = ?1 AND id = ?2")?;
-        for id in ids {
-            let mut rows = stmt.query((db_id, id.as_str()))?;
-            if let Some(row) = rows.next()? {
-                out.push((
-                    (*id).clone(),
+        each_found(
+            self,
+            "SELECT rev, deleted, seq FROM docs WHERE db_id = ?1 AND id = ?2",
+            db_id,
+            ids,
+            |id, row| {
+                Ok((
+                    id.clone(),
                     Current {
                         rev: parse_stored_rev(text(row, 0)?)?,
                         deleted: row.get(1)?,
                         seq: to_u64(row.get(2)?),
                         body: None,
                     },
-                ));
-            }
-        }
-        Ok(out)
+                ))
+            },
+        )
     }
 
     async fn documents(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<Document>> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut stmt =
-            self.prepare_cached("SELECT rev, body, seq FROM docs WHERE db_id = ?1 AND id = ?2")?;
-        for id in ids {
-            let mut rows = stmt.query((db_id, id.as_str()))?;
-            if let Some(row) = rows.next()? {
-                out.push(Document {
-                    id: (*id).clone(),
+        each_found(
+            self,
+            "SELECT rev, body, seq FROM docs WHERE db_id = ?1 AND id = ?2",
+            db_id,
+            ids,
+            |id, row| {
+                Ok(Document {
+                    id: id.clone(),
                     rev: parse_stored_rev(text(row, 0)?)?,
                     body: Body::from_canonical_json(text(row, 1)?)?,
                     seq: to_u64(row.get(2)?),
-                });
-            }
-        }
-        Ok(out)
+                })
+            },
+        )
     }
 
     async fn put_docs(&mut self, rows: &[batch::DocRow]) -> Result<()> {
