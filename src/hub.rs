@@ -113,6 +113,25 @@ impl Hub {
         }
     }
 
+    /// Events up to `through` will never be published here (pruned from
+    /// the log before this node's tailer read them). Raises the head past
+    /// them, so a new subscriber starts after the hole, and flags every
+    /// registered subscriber overflowed, so each re-reads the log from the
+    /// last seq it delivered: one that delivered less than `through` finds
+    /// it pruned and ends with `SinceTooOld` (OUT_OF_RANGE, resync), none
+    /// skips the hole silently. Under the registry lock, like `register`,
+    /// so a registration sees either the old head and the flag, or the new
+    /// head. Never blocks.
+    pub fn lost(&self, through: u64) {
+        let registry = self.registry();
+        self.head.fetch_max(through, Ordering::AcqRel);
+        for slot in registry.by_key.values().flat_map(HashMap::values) {
+            slot.overflowed.store(true, Ordering::Release);
+            slot.wake.notify_one();
+        }
+        metrics::counter!(crate::telemetry::LOG_GAPS).increment(1);
+    }
+
     /// Registers a subscriber counted under `principal`; returns its handle
     /// and the head at that moment (every later event reaches the handle's
     /// buffer or sets its overflow). Fails when a subscriber limit is reached.
@@ -178,6 +197,16 @@ impl Hub {
     /// How many sync keys have at least one subscriber.
     pub fn key_count(&self) -> usize {
         self.registry().by_key.len()
+    }
+}
+
+impl crate::store::Publish for Hub {
+    fn publish(&self, events: &[Event]) {
+        Hub::publish(self, events);
+    }
+
+    fn lost(&self, through: u64) {
+        Hub::lost(self, through);
     }
 }
 

@@ -46,10 +46,7 @@ pub async fn run(
 
     // The hub starts empty; the writer publishes to it after each commit.
     let hub = Hub::new(0, config.subscriber_limits());
-    let publisher: crate::store::Publisher = {
-        let hub = hub.clone();
-        Arc::new(move |events| hub.publish(events))
-    };
+    let publisher: crate::store::Publisher = hub.clone();
     let store = Arc::new(Store::open(config.store_options(), publisher).await?);
     hub.advance_to(store.last_seq().await?);
     let stop = CancellationToken::new();

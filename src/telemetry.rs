@@ -49,6 +49,7 @@ pub const NOTIFICATIONS_DELIVERED: &str = "agsync_notifications_delivered_total"
 pub const SUBSCRIBER_OVERFLOWS: &str = "agsync_subscriber_overflows_total";
 pub const SUBSCRIBER_CATCHUPS: &str = "agsync_subscriber_catchups_total";
 pub const REPLAYED_EVENTS: &str = "agsync_replayed_events_total";
+pub const LOG_GAPS: &str = "agsync_log_gaps_total";
 pub const AUTH_FAILURES: &str = "agsync_auth_failures_total";
 pub const PG_POOL_CONNECTIONS: &str = "agsync_pg_pool_connections";
 pub const BUILD_INFO: &str = "agsync_build_info";
@@ -98,6 +99,7 @@ pub fn install() -> PrometheusHandle {
                 SUBSCRIBER_OVERFLOWS,
                 SUBSCRIBER_CATCHUPS,
                 REPLAYED_EVENTS,
+                LOG_GAPS,
             ] {
                 metrics::counter!(name).absolute(0);
             }
@@ -171,6 +173,10 @@ fn describe() {
     describe_counter!(
         REPLAYED_EVENTS,
         "Notifications delivered from the event log (replay after since, and catch-up)."
+    );
+    describe_counter!(
+        LOG_GAPS,
+        "Times this node found events pruned from the log before it could publish them (a PostgreSQL node whose tailer fell behind --retain-events): its subscribers were told OUT_OF_RANGE instead of skipping them."
     );
     describe_counter!(
         AUTH_FAILURES,

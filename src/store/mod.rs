@@ -26,9 +26,20 @@ use crate::domain::{
 };
 use batch::{Command, Op, Outcome};
 
-/// Called with the events of each committed batch, in seq order, before
-/// the writes are acknowledged. Must not block.
-pub type Publisher = Arc<dyn Fn(&[Event]) + Send + Sync>;
+/// Where committed events go (the hub). Must not block.
+pub trait Publish: Send + Sync {
+    /// Called with the events of each committed batch, in seq order, before
+    /// the writes are acknowledged.
+    fn publish(&self, events: &[Event]);
+    /// Events up to `through` were pruned from the log before this node
+    /// could publish them (a PostgreSQL node whose tailer fell behind the
+    /// retention): they will never be published here, so nobody may be told
+    /// that everything up to a seq in that range was delivered.
+    fn lost(&self, through: u64);
+}
+
+/// The store's handle on the [`Publish`] side.
+pub type Publisher = Arc<dyn Publish>;
 
 /// A page of the event log, read in one snapshot.
 #[derive(Debug)]

@@ -35,3 +35,4 @@ mod server;
 mod sync;
 
 mod cluster;
+mod retention;

@@ -16,7 +16,9 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::super::{Publisher, event_from_row, to_i64};
+use sqlx::Row;
+
+use super::super::{Publisher, event_from_row, to_i64, to_u64};
 use super::{CHANNEL, Link};
 use crate::domain::{Error, Result};
 
@@ -93,24 +95,55 @@ impl Tailer {
                 conn.insert(connected)
             }
         };
+        // One statement, so one snapshot: the pruning mark and the events
+        // after `last` agree (the writer prunes and moves the mark in one
+        // transaction). A mark past `last` means events this node never
+        // published are gone: a hole its subscribers must hear of.
         let rows = sqlx::query(
-            "SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
-             FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            "SELECT c.value AS pruned_through,
+                    e.seq, e.sync_key, e.database, e.doc_id, e.rev, e.deleted, e.aliases, e.attributes
+             FROM counters c
+             LEFT JOIN LATERAL (
+                 SELECT seq, sync_key, database, doc_id, rev, deleted, aliases, attributes
+                 FROM events WHERE seq > $1 ORDER BY seq LIMIT $2
+             ) e ON true
+             WHERE c.name = 'pruned_through'
+             ORDER BY e.seq",
         )
         .bind(to_i64(last))
         .bind(PAGE)
         .fetch_all(&mut *conn)
         .await?;
-        let full = rows.len() as i64 == PAGE;
-        let events = rows
-            .iter()
-            .map(event_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        let Some(new_last) = events.last().map(|e| e.seq) else {
-            return Ok((last, false));
+        let pruned_through = match rows.first() {
+            Some(row) => to_u64(row.try_get::<i64, _>("pruned_through")?),
+            None => return Err(Error::Storage("counter pruned_through is missing".into())),
         };
-        (self.publish)(&events);
-        self.published.send_replace(new_last);
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<i64>, _>("seq")?.is_some() {
+                events.push(event_from_row(row)?);
+            }
+        }
+        let full = events.len() as i64 == PAGE;
+        let mut new_last = last;
+        if pruned_through > last {
+            tracing::warn!(
+                published = last,
+                pruned_through,
+                "this node fell behind the event log's retention (--retain-events): events {}..={} were pruned before it published them; its subscribers end with OUT_OF_RANGE and resync",
+                last + 1,
+                pruned_through
+            );
+            self.publish.lost(pruned_through);
+            new_last = pruned_through;
+        }
+        if let Some(seq) = events.last().map(|e| e.seq) {
+            self.publish.publish(&events);
+            new_last = seq;
+        }
+        if new_last != last {
+            self.published.send_replace(new_last);
+        }
         Ok((new_last, full))
     }
 }

@@ -130,7 +130,7 @@ pub(super) const DELIVERY_QUEUE: usize = 16;
 pub(super) async fn deliver(mut rx: mpsc::Receiver<Delivery>, publish: Publisher) -> Result<()> {
     while let Some(delivery) = rx.recv().await {
         if !delivery.events.is_empty() {
-            publish(&delivery.events);
+            publish.publish(&delivery.events);
         }
         // A caller that went away (cancelled RPC) no longer needs the
         // reply; the write is committed either way.
@@ -551,7 +551,14 @@ mod tests {
         };
         let conn = open_connection(&path, Durability::Full).unwrap();
         let (deliveries, rx) = mpsc::channel(DELIVERY_QUEUE);
-        tokio::spawn(deliver(rx, Arc::new(|_| {})));
+        let hub = crate::hub::Hub::new(
+            0,
+            crate::hub::SubscriberLimits {
+                total: 1,
+                per_principal: 1,
+            },
+        );
+        tokio::spawn(deliver(rx, hub));
         Writer::new(conn, 0, retention, wal, deliveries).unwrap()
     }
 
