@@ -1,10 +1,8 @@
 //! Generates the gRPC code from `proto/` with protox, a pure-Rust protobuf
 //! compiler, so building needs no system `protoc`. The encoded file
 //! descriptor set is written next to the generated code for server reflection.
-//!
-//! Also generates a client for the part of etcd's v3 API that
-//! `agsync-bench` drives etcd with (`bench/etcd-proto`, see its headers);
-//! only the bench includes it.
+//! (The bench, `bench/`, is a crate of its own and compiles etcd's protos
+//! in its own build script.)
 
 use std::path::PathBuf;
 
@@ -13,7 +11,6 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/agsync/v1/sync.proto"];
     println!("cargo:rerun-if-changed=proto");
-    println!("cargo:rerun-if-changed=bench/etcd-proto");
     // sqlx::migrate! embeds migrations/ at compile time; without this a new
     // migration file would not trigger a rebuild.
     println!("cargo:rerun-if-changed=migrations");
@@ -26,10 +23,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost's codec with smaller buffers (see src/codec.rs).
         .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
-    let etcd = protox::compile(["etcd/etcdserverpb/rpc.proto"], ["bench/etcd-proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(false)
-        .compile_fds(etcd)?;
     Ok(())
 }

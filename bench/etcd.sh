@@ -20,7 +20,7 @@ if ! command -v etcd >/dev/null; then
     # starts a system one, which would take CPU and memory during the runs.
     systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
-cargo build --release --locked
+cargo build --release --locked --workspace
 B=./target/release/agsync-bench
 run() { echo "### agsync-bench compare $*" | tee -a "$out"; "$B" compare "$@" 2>&1 | tee -a "$out"; }
 etcd --version | sed -n 1p | tee -a "$out"

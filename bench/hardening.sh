@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 old=$1
 out=${2:-bench/results-hardening-$(date +%Y%m%d-%H%M).log}
-cargo build --release --locked
+cargo build --release --locked --workspace
 : > "$out"
 echo "### bench/before-after.sh $old target/release/agsync 3 10 update create" | tee -a "$out"
 bench/before-after.sh "$old" target/release/agsync 3 10 update create 2>&1 | tee -a "$out"

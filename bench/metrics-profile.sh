@@ -7,7 +7,7 @@
 # Usage: bench/metrics-profile.sh [dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked
+cargo build --release --locked --workspace
 dir=${1:-$(mktemp -d /tmp/agsync-prof.XXXXXX)}
 mkdir -p "$dir"
 for mode in off on; do

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results-metrics-$(date +%Y%m%d-%H%M).log}
-cargo build --release --locked
+cargo build --release --locked --workspace
 : > "$out"
 for workload in update get; do
     echo "### agsync-bench compare --metrics --runs 5 --workload $workload --clients 64" | tee -a "$out"

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results-postgres-$(date +%Y%m%d-%H%M).log}
-cargo build --release --locked
+cargo build --release --locked --workspace
 pgdir=$(mktemp -d /tmp/agsync-pgbench.XXXXXX)
 trap 'scripts/pg-throwaway stop "$pgdir"' EXIT
 url=$(scripts/pg-throwaway start "$pgdir")

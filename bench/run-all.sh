@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results-$(date +%Y%m%d-%H%M).log}
-cargo build --release --locked
+cargo build --release --locked --workspace
 B=./target/release/agsync-bench
 run() { echo "### agsync-bench compare $*" | tee -a "$out"; "$B" compare "$@" 2>&1 | tee -a "$out"; }
 : > "$out"

@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{Workload, WorkloadArgs};
+use crate::WorkloadArgs;
 
 pub(crate) type Client = SyncServiceClient<Channel>;
 
@@ -254,7 +254,7 @@ pub(crate) fn clients(channels: &[Channel], n: usize) -> Vec<Client> {
 }
 
 /// A small document, about 120 bytes of JSON.
-fn body(n: u64) -> prost_types::Struct {
+pub(crate) fn body(n: u64) -> prost_types::Struct {
     use prost_types::value::Kind;
     let v = |k: Kind| prost_types::Value { kind: Some(k) };
     prost_types::Struct {
@@ -460,135 +460,9 @@ pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-/// Runs the workload against the nodes `addrs` (one, or several serving
-/// one data set): the clients' connections are spread round-robin over
-/// them; the workloads that open extra streams open them on the first.
-pub async fn run(
-    addrs: &[SocketAddr],
-    pid: Option<u32>,
-    args: &WorkloadArgs,
-) -> Result<Report, String> {
-    let addr = *addrs.first().ok_or("no server address")?;
-    let mut channels = Vec::new();
-    for i in 0..args.connections.max(addrs.len()) {
-        channels.extend(connections(addrs[i % addrs.len()], 1).await?);
-    }
-    let all = clients(&channels, args.clients.max(1));
-    let duration = Duration::from_secs_f64(args.duration_secs);
-    let mut admin = all[0].clone();
-    let db = "bench";
-    create_database(&mut admin, db, "bench.key").await?;
-    let mut report = match args.workload {
-        Workload::Create => {
-            let states: Vec<(Client, usize)> =
-                all.into_iter().enumerate().map(|(k, c)| (c, k)).collect();
-            let rss = rss_kb(pid);
-            let (totals, elapsed) = drive(states, duration, |(mut c, k), n| async move {
-                let out = create_once(&mut c, format!("c{k}-{n}"), n).await;
-                ((c, k), out)
-            })
-            .await;
-            let mut r = totals.into_report(args, elapsed);
-            r.rss_start_kb = rss;
-            r
-        }
-        Workload::Update => update(args, pid, all, duration).await?,
-        Workload::Contended => contended(args, pid, all, duration).await?,
-        Workload::Get => {
-            preload(&all, db, args.docs).await?;
-            let n_docs = args.docs.max(1) as u64;
-            let states: Vec<(Client, u64)> = all
-                .into_iter()
-                .enumerate()
-                .map(|(k, c)| (c, 0x9e37_79b9_7f4a_7c15 ^ (k as u64 + 1)))
-                .collect();
-            let rss = rss_kb(pid);
-            let (totals, elapsed) =
-                drive(states, duration, move |(mut c, mut seed), _| async move {
-                    let id = format!("p{}", xorshift(&mut seed) % n_docs);
-                    let r = c
-                        .get(pb::GetRequest {
-                            database: "bench".into(),
-                            id,
-                            ..Default::default()
-                        })
-                        .await;
-                    ((c, seed), outcome(r, 1))
-                })
-                .await;
-            let mut r = totals.into_report(args, elapsed);
-            r.rss_start_kb = rss;
-            r
-        }
-        Workload::Bulk => {
-            let batch = args.batch.max(1);
-            let states: Vec<(Client, usize)> =
-                all.into_iter().enumerate().map(|(k, c)| (c, k)).collect();
-            let rss = rss_kb(pid);
-            let (totals, elapsed) = drive(states, duration, move |(mut c, k), n| async move {
-                let docs = (0..batch)
-                    .map(|i| pb::BulkPutItem {
-                        id: format!("b{k}-{n}-{i}"),
-                        body: Some(body(n)),
-                        ..Default::default()
-                    })
-                    .collect();
-                let r = c
-                    .bulk_put(pb::BulkPutRequest {
-                        database: "bench".into(),
-                        docs,
-                        ..Default::default()
-                    })
-                    .await;
-                let ok = match &r {
-                    Ok(resp) => resp
-                        .get_ref()
-                        .results
-                        .iter()
-                        .filter(|x| x.error.is_empty())
-                        .count() as u64,
-                    Err(_) => 0,
-                };
-                ((c, k), outcome(r, ok))
-            })
-            .await;
-            let mut r = totals.into_report(args, elapsed);
-            r.rss_start_kb = rss;
-            r.notes.push(format!(
-                "ops are documents; latency is per BulkPut of {batch}"
-            ));
-            r
-        }
-        Workload::Preload => {
-            let start = Instant::now();
-            preload(&all, db, args.docs).await?;
-            let elapsed = start.elapsed();
-            Report {
-                workload: args.workload_name(),
-                clients: 8.min(args.clients),
-                ops: args.docs as u64,
-                ops_per_s: args.docs as f64 / elapsed.as_secs_f64(),
-                ..Default::default()
-            }
-        }
-        Workload::Fanout => fanout(addr, args, pid, &channels, all, duration).await?,
-        Workload::Replay => replay(args, pid, all).await?,
-        Workload::Soak => soak(addr, args, pid, &channels, all, duration).await?,
-        Workload::WalSoak => crate::walsoak::run(args, pid, &channels, duration).await?,
-        Workload::Hostile => crate::hostile::run(addr, args, pid, &channels, all, duration).await?,
-        Workload::CrossNode => cross_node(addrs, args, pid, duration).await?,
-    };
-    report.workload = args.workload_name();
-    report.rss_end_kb = rss_kb(pid);
-    if report.rss_start_kb == 0 {
-        report.rss_start_kb = report.rss_end_kb;
-    }
-    Ok(report)
-}
-
 /// Each client CAS-updates 16 documents of its own, carrying the last rev.
 /// With `--docs`, they are spread over that many preloaded documents.
-async fn update(
+pub(crate) async fn update(
     args: &WorkloadArgs,
     pid: Option<u32>,
     all: Vec<Client>,
@@ -676,7 +550,7 @@ pub(crate) async fn update_once(
 /// All clients CAS-update the same 10 documents, each in a retry loop: on a
 /// conflict the client takes the current rev from the error details (no
 /// extra read) and retries the same document; after a success it moves on.
-async fn contended(
+pub(crate) async fn contended(
     args: &WorkloadArgs,
     pid: Option<u32>,
     all: Vec<Client>,
@@ -762,7 +636,7 @@ async fn open_subscribers(
 
 /// `--subscribers` on one key, one writer doing a Put every `--interval-ms`:
 /// latency from just before the Put to each subscriber's receipt.
-async fn fanout(
+pub(crate) async fn fanout(
     addr: SocketAddr,
     args: &WorkloadArgs,
     pid: Option<u32>,
@@ -875,7 +749,7 @@ pub(crate) fn fanout_notes(r: &mut Report, subscribers: usize, idle_rss: u64, su
 /// latency from just before each Put to the subscriber's receipt of its
 /// notification. Open loop: the writes keep their schedule whatever the
 /// latency, up to `--clients` in flight.
-async fn cross_node(
+pub(crate) async fn cross_node(
     addrs: &[SocketAddr],
     args: &WorkloadArgs,
     pid: Option<u32>,
@@ -1069,7 +943,11 @@ async fn read_until_last(
 }
 
 /// One subscriber replays `--events` logged events from since=0.
-async fn replay(args: &WorkloadArgs, pid: Option<u32>, all: Vec<Client>) -> Result<Report, String> {
+pub(crate) async fn replay(
+    args: &WorkloadArgs,
+    pid: Option<u32>,
+    all: Vec<Client>,
+) -> Result<Report, String> {
     let mut c = all[0].clone();
     create_database(&mut c, "replay", "replay.key").await?;
     let revs = preload(&all, "replay", args.events()).await?;
@@ -1121,7 +999,7 @@ async fn replay(args: &WorkloadArgs, pid: Option<u32>, all: Vec<Client>) -> Resu
 
 /// Writers and subscribers together for the whole duration. Fails on any
 /// error but a conflict, or any event a subscriber did not receive in order.
-async fn soak(
+pub(crate) async fn soak(
     addr: SocketAddr,
     args: &WorkloadArgs,
     pid: Option<u32>,

@@ -15,6 +15,7 @@
 mod etcd;
 mod hostile;
 mod noop;
+mod run;
 mod walsoak;
 mod workloads;
 
@@ -221,7 +222,7 @@ async fn main() -> std::process::ExitCode {
             server_pid,
             label,
             workload,
-        } => match workloads::run(&[addr], server_pid, &workload).await {
+        } => match run::run(&[addr], server_pid, &workload).await {
             Ok(report) => {
                 let report = Report {
                     server: label,
@@ -475,7 +476,7 @@ async fn compare(
                 }
             };
             let addrs: Vec<SocketAddr> = children.iter().map(|c| c.addr).collect();
-            let mut report = workloads::run(&addrs, Some(children[0].pid), &run_args).await?;
+            let mut report = run::run(&addrs, Some(children[0].pid), &run_args).await?;
             report.server = which.to_owned();
             report.run = run;
             println!("{}", report.json());
