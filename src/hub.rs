@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Alias, Error, Event, Result, SyncKey};
-use crate::store::Store;
+use crate::store::{EventLog, EventPage, EventQuery};
 
 /// Events read from the log per query while replaying or catching up.
 const REPLAY_PAGE: u32 = 1000;
@@ -286,9 +286,9 @@ enum Mode {
 /// One subscriber's stream of items: replay from the log, then live events,
 /// catching up from the log whenever its buffer overflowed. Invariant: items
 /// come in seq order, each event at most once (`last` dedupes the hand-over).
-pub struct Subscription {
+pub struct Subscription<L: EventLog> {
     registration: Registration,
-    store: Arc<Store>,
+    log: Arc<L>,
     keys: Vec<SyncKey>,
     alias: Option<Alias>,
     /// Every event up to this seq has been delivered or did not concern us.
@@ -308,16 +308,16 @@ pub struct Subscription {
     shutdown: CancellationToken,
 }
 
-impl Subscription {
+impl<L: EventLog> Subscription<L> {
     /// Registers for `keys` and, with `since`, checks it is still replayable
     /// (so a bad `since` fails the call instead of the stream).
     pub async fn start(
         hub: &Arc<Hub>,
-        store: Arc<Store>,
+        log: Arc<L>,
         request: SubscribeRequest,
         options: SubscribeOptions,
         shutdown: CancellationToken,
-    ) -> Result<Subscription> {
+    ) -> Result<Subscription<L>> {
         let SubscribeRequest {
             keys,
             alias,
@@ -329,7 +329,7 @@ impl Subscription {
             hub.register(&keys, alias.clone(), options.buffer, &principal)?;
         let mut sub = Subscription {
             registration,
-            store,
+            log,
             keys,
             alias,
             last: head,
@@ -358,10 +358,15 @@ impl Subscription {
         Ok(sub)
     }
 
-    async fn read_page(&self) -> Result<crate::store::EventPage> {
+    async fn read_page(&self) -> Result<EventPage> {
         let page = self
-            .store
-            .read_events(&self.keys, self.last, REPLAY_PAGE, self.replay_bytes)
+            .log
+            .read_events(EventQuery {
+                keys: &self.keys,
+                after: self.last,
+                limit: REPLAY_PAGE,
+                max_bytes: self.replay_bytes,
+            })
             .await?;
         if self.last < page.pruned_through {
             return Err(Error::SinceTooOld {
@@ -519,6 +524,421 @@ mod tests {
         total: 3,
         per_principal: 2,
     };
+
+    /// The durable log as the hub sees it, in memory: what a backend's
+    /// `read_events` answers, with pruning.
+    #[derive(Default)]
+    struct FakeLog(Mutex<LogState>);
+
+    #[derive(Default)]
+    struct LogState {
+        events: Vec<Event>,
+        head: u64,
+        pruned_through: u64,
+    }
+
+    impl EventLog for FakeLog {
+        async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
+            let log = self.0.lock().unwrap();
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            for event in log.events.iter().filter(|e| e.seq > query.after) {
+                if !query.keys.contains(&event.sync_key) {
+                    continue;
+                }
+                if events.len() == query.limit as usize || bytes >= query.max_bytes {
+                    break;
+                }
+                bytes += event.approx_bytes();
+                events.push(event.clone());
+            }
+            Ok(EventPage {
+                events,
+                head: log.head,
+                pruned_through: log.pruned_through,
+            })
+        }
+    }
+
+    impl FakeLog {
+        /// Commits `events`: into the log, then published, as a writer does.
+        fn commit(&self, hub: &Hub, events: &[Event]) {
+            {
+                let mut log = self.0.lock().unwrap();
+                log.events.extend_from_slice(events);
+                log.head = events.iter().map(|e| e.seq).fold(log.head, u64::max);
+            }
+            hub.publish(events);
+        }
+
+        fn prune(&self, through: u64) {
+            let mut log = self.0.lock().unwrap();
+            log.events.retain(|e| e.seq > through);
+            log.pruned_through = through;
+        }
+    }
+
+    fn deletion(seq: u64, key: &str) -> Event {
+        Event {
+            database: Some(crate::domain::DbName::parse("d", "cars").unwrap()),
+            deleted: true,
+            ..event(seq, key, &[])
+        }
+    }
+
+    /// One step of a subscription case.
+    enum Step {
+        /// Events committed to the log and published.
+        Commit(Vec<Event>),
+        /// The log pruned through a seq (the writer's retention).
+        Prune(u64),
+        /// The node learns events up to a seq were pruned before it
+        /// published them (a PostgreSQL tailer behind the retention).
+        Lost(u64),
+        /// The next items, exactly (`n5`: notification 5, `subscribed 7`,
+        /// `progress 9`).
+        Expect(&'static [&'static str]),
+        /// The next call fails with this error (its Display, in part).
+        Fails(&'static str),
+        /// Nothing more is delivered (within 1 ms of paused time).
+        Quiet,
+        /// The server shuts down.
+        Shutdown,
+    }
+    use Step::*;
+
+    struct Case {
+        name: &'static str,
+        /// In the log before the subscription starts.
+        log: Vec<Event>,
+        pruned_through: u64,
+        keys: &'static [&'static str],
+        alias: Option<&'static str>,
+        since: Option<u64>,
+        buffer: usize,
+        progress_every: Duration,
+        /// `Err(part of the message)` if the start must fail.
+        starts: std::result::Result<(), &'static str>,
+        steps: Vec<Step>,
+    }
+
+    impl Default for Case {
+        fn default() -> Self {
+            Case {
+                name: "",
+                log: Vec::new(),
+                pruned_through: 0,
+                keys: &["a"],
+                alias: None,
+                since: None,
+                buffer: 16,
+                progress_every: Duration::from_secs(3600),
+                starts: Ok(()),
+                steps: Vec::new(),
+            }
+        }
+    }
+
+    fn label(item: &Item) -> String {
+        match item {
+            Item::Notification(e) if e.is_database_deleted() => format!("deleted {}", e.seq),
+            Item::Notification(e) => format!("n{}", e.seq),
+            Item::Subscribed(seq) => format!("subscribed {seq}"),
+            Item::Progress(seq) => format!("progress {seq}"),
+        }
+    }
+
+    fn run_of(seqs: std::ops::RangeInclusive<u64>, key: &str) -> Vec<Event> {
+        seqs.map(|seq| event(seq, key, &[])).collect()
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case {
+                name: "live from the head: subscribed, then each event once",
+                log: run_of(1..=3, "a"),
+                steps: vec![
+                    Expect(&["subscribed 3"]),
+                    Commit(run_of(4..=5, "a")),
+                    Expect(&["n4", "n5"]),
+                    Quiet,
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "replay then live: no gap, no duplicate at the hand-off",
+                log: run_of(1..=5, "a"),
+                since: Some(2),
+                steps: vec![
+                    // 6 and 7 land in the log and the live buffer while
+                    // the replay is still at 3: the replay reads them from
+                    // the log, and the buffered copies are dropped.
+                    Commit(run_of(6..=7, "a")),
+                    Expect(&["n3", "n4", "n5", "n6", "n7", "subscribed 7"]),
+                    Commit(run_of(8..=8, "a")),
+                    Expect(&["n8"]),
+                    Quiet,
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "resume at the head: subscribed at once",
+                log: run_of(1..=4, "a"),
+                since: Some(4),
+                steps: vec![Expect(&["subscribed 4"]), Quiet],
+                ..Case::default()
+            },
+            Case {
+                name: "a slow subscriber catches up from the log, every event once, in order",
+                buffer: 2,
+                steps: vec![
+                    Expect(&["subscribed 0"]),
+                    Commit(run_of(1..=10, "a")),
+                    Expect(&["n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9", "n10"]),
+                    Commit(run_of(11..=11, "a")),
+                    Expect(&["n11"]),
+                    Quiet,
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "since older than the retention: the start fails with OUT_OF_RANGE",
+                log: run_of(6..=8, "a"),
+                pruned_through: 5,
+                since: Some(3),
+                starts: Err(
+                    "since=3 is older than the event log's retention (the oldest event kept is seq 6)",
+                ),
+                ..Case::default()
+            },
+            Case {
+                name: "since ahead of the head: the start fails",
+                log: run_of(1..=8, "a"),
+                since: Some(9),
+                starts: Err("since=9 is ahead of this server's newest event (seq 8)"),
+                ..Case::default()
+            },
+            Case {
+                name: "since at the pruning mark: replayable",
+                log: run_of(6..=8, "a"),
+                pruned_through: 5,
+                since: Some(5),
+                steps: vec![Expect(&["n6", "n7", "n8", "subscribed 8"])],
+                ..Case::default()
+            },
+            Case {
+                name: "an overflowed subscriber whose position was pruned meanwhile ends OUT_OF_RANGE",
+                buffer: 1,
+                steps: vec![
+                    Expect(&["subscribed 0"]),
+                    Commit(run_of(1..=5, "a")),
+                    Prune(3),
+                    Expect(&["n1"]),
+                    Fails(
+                        "since=1 is older than the event log's retention (the oldest event kept is seq 4)",
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "events lost before publication end live subscribers OUT_OF_RANGE, never skipped",
+                steps: vec![
+                    Expect(&["subscribed 0"]),
+                    Commit(run_of(1..=2, "a")),
+                    Expect(&["n1", "n2"]),
+                    // 3..=10 committed and pruned while this node was not
+                    // reading the log; it publishes only 11.
+                    Prune(10),
+                    Lost(10),
+                    Commit(run_of(11..=11, "a")),
+                    Fails(
+                        "since=2 is older than the event log's retention (the oldest event kept is seq 11)",
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "events lost with events still buffered: those are delivered, then OUT_OF_RANGE",
+                steps: vec![
+                    Expect(&["subscribed 0"]),
+                    Commit(run_of(1..=2, "a")),
+                    Prune(10),
+                    Lost(10),
+                    Commit(run_of(11..=11, "a")),
+                    Expect(&["n1", "n2"]),
+                    Fails(
+                        "since=2 is older than the event log's retention (the oldest event kept is seq 11)",
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "the database deleted: delivered in order, live and replayed",
+                log: vec![event(1, "a", &[]), deletion(2, "a")],
+                since: Some(0),
+                steps: vec![
+                    Expect(&["n1", "deleted 2", "subscribed 2"]),
+                    Commit(vec![deletion(3, "a"), event(4, "a", &[])]),
+                    Expect(&["deleted 3", "n4"]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "progress: an idle subscriber hears the head, its keys' events or not",
+                progress_every: Duration::from_secs(30),
+                log: run_of(1..=2, "a"),
+                steps: vec![
+                    Expect(&["subscribed 2"]),
+                    Commit(run_of(3..=5, "other")),
+                    Expect(&["progress 5"]),
+                    Commit(run_of(6..=6, "a")),
+                    // Active in the last interval: no progress for it.
+                    Expect(&["n6", "progress 6"]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "many keys and an alias: only this subscriber's events, replayed and live",
+                keys: &["a", "b"],
+                alias: Some("bob"),
+                since: Some(0),
+                log: vec![
+                    event(1, "a", &[]),
+                    event(2, "b", &["bob"]),
+                    event(3, "c", &[]),
+                    event(4, "a", &["alice"]),
+                    event(5, "b", &["alice", "bob"]),
+                ],
+                steps: vec![
+                    Expect(&["n1", "n2", "n5", "subscribed 5"]),
+                    Commit(vec![
+                        event(6, "b", &[]),
+                        event(7, "a", &["alice"]),
+                        event(8, "c", &["bob"]),
+                        event(9, "a", &["bob"]),
+                    ]),
+                    Expect(&["n6", "n9"]),
+                    Quiet,
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "many keys, no alias: addressed events are not for it",
+                keys: &["a", "b"],
+                since: Some(0),
+                log: vec![event(1, "a", &["bob"]), event(2, "b", &[])],
+                steps: vec![
+                    Expect(&["n2", "subscribed 2"]),
+                    Commit(vec![event(3, "a", &["bob"]), event(4, "a", &[])]),
+                    Expect(&["n4"]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "shutdown ends the stream, naming where to resume",
+                log: run_of(1..=3, "a"),
+                since: Some(1),
+                steps: vec![
+                    Expect(&["n2"]),
+                    Shutdown,
+                    Fails("subscribe again with since=2"),
+                ],
+                ..Case::default()
+            },
+        ]
+    }
+
+    async fn run_case(case: Case) {
+        let name = case.name;
+        let log = Arc::new(FakeLog::default());
+        {
+            let mut state = log.0.lock().unwrap();
+            state.head = case.log.iter().map(|e| e.seq).max().unwrap_or(0);
+            state.events = case.log;
+            state.pruned_through = case.pruned_through;
+        }
+        let head = log.0.lock().unwrap().head;
+        let hub = Hub::new(head, LIMITS);
+        let shutdown = CancellationToken::new();
+        let started = Subscription::start(
+            &hub,
+            log.clone(),
+            SubscribeRequest {
+                keys: case.keys.iter().map(|k| key(k)).collect(),
+                alias: case.alias.map(|a| Alias::parse("a", a).unwrap()),
+                since: case.since,
+                principal: String::new(),
+            },
+            SubscribeOptions {
+                buffer: case.buffer,
+                progress_every: case.progress_every,
+                replay_bytes: 1 << 20,
+            },
+            shutdown.clone(),
+        )
+        .await;
+        let mut sub = match (started, case.starts) {
+            (Ok(sub), Ok(())) => sub,
+            (Err(e), Err(want)) => {
+                assert!(e.to_string().contains(want), "{name}: {e}");
+                return;
+            }
+            (Ok(_), Err(want)) => panic!("{name}: started, expected {want:?}"),
+            (Err(e), Ok(())) => panic!("{name}: did not start: {e}"),
+        };
+        for step in case.steps {
+            match step {
+                Commit(events) => log.commit(&hub, &events),
+                Prune(through) => log.prune(through),
+                Lost(through) => hub.lost(through),
+                Shutdown => shutdown.cancel(),
+                Expect(labels) => {
+                    let mut got = Vec::new();
+                    for _ in labels {
+                        let item = tokio::time::timeout(Duration::from_secs(7200), sub.next())
+                            .await
+                            .unwrap_or_else(|_| panic!("{name}: stalled after {got:?}"));
+                        match item {
+                            Ok(item) => got.push(label(&item)),
+                            Err(e) => panic!("{name}: failed after {got:?}: {e}"),
+                        }
+                    }
+                    assert_eq!(got, labels, "{name}");
+                }
+                Fails(want) => match sub.next().await {
+                    Err(e) => assert!(e.to_string().contains(want), "{name}: {e}"),
+                    Ok(item) => panic!("{name}: expected {want:?}, got {}", label(&item)),
+                },
+                Quiet => {
+                    if let Ok(item) =
+                        tokio::time::timeout(Duration::from_millis(1), sub.next()).await
+                    {
+                        panic!("{name}: expected nothing, got {item:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The subscription state machine, case by case, on a fake log (time
+    /// paused: progress intervals pass at once when nothing else can run).
+    #[tokio::test(start_paused = true)]
+    async fn subscriptions_on_a_fake_log() {
+        for case in cases() {
+            run_case(case).await;
+        }
+    }
+
+    #[test]
+    fn lost_raises_the_head_for_new_subscribers() {
+        let hub = Hub::new(5, LIMITS);
+        hub.lost(10);
+        assert_eq!(hub.head(), 10);
+        let (_, head) = hub.register(&[key("a")], None, 1, "").unwrap();
+        assert_eq!(head, 10);
+        hub.lost(7); // never lowers it
+        assert_eq!(hub.head(), 10);
+    }
 
     #[test]
     fn subscriber_limits() {

@@ -24,7 +24,7 @@ use crate::domain::{
 };
 use crate::hub::{Hub, SubscribeOptions, SubscribeRequest, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
-use crate::store::Store;
+use crate::store::{ChangesQuery, Store};
 
 pub struct Service {
     store: Arc<Store>,
@@ -144,7 +144,7 @@ impl Service {
 /// grants are re-checked on every auth reload: a revoked token ends the
 /// stream (UNAUTHENTICATED), changed grants apply to the next notification.
 struct Listener {
-    subscription: Subscription,
+    subscription: Subscription<Store>,
     caller: Arc<Principal>,
     auth: Arc<Authenticator>,
     auth_changes: tokio::sync::watch::Receiver<u64>,
@@ -462,17 +462,25 @@ impl SyncService for Service {
         let mut bytes = 0;
         let page = self
             .store
-            .changes(&database, req.since, limit, req.include_docs, |change| {
-                let change = convert::change(change)?;
-                let len = prost::Message::encoded_len(&change);
-                let framed = 1 + prost::length_delimiter_len(len) + len;
-                if bytes + framed > budget && !changes.is_empty() {
-                    return Ok(std::ops::ControlFlow::Break(()));
-                }
-                bytes += framed;
-                changes.push(change);
-                Ok(std::ops::ControlFlow::Continue(()))
-            })
+            .changes(
+                ChangesQuery {
+                    database: &database,
+                    since: req.since,
+                    limit,
+                    include_docs: req.include_docs,
+                },
+                |change| {
+                    let change = convert::change(change)?;
+                    let len = prost::Message::encoded_len(&change);
+                    let framed = 1 + prost::length_delimiter_len(len) + len;
+                    if bytes + framed > budget && !changes.is_empty() {
+                        return Ok(std::ops::ControlFlow::Break(()));
+                    }
+                    bytes += framed;
+                    changes.push(change);
+                    Ok(std::ops::ControlFlow::Continue(()))
+                },
+            )
             .await?;
         let last_seq = changes.last().map_or(req.since, |c| c.seq);
         Ok(Response::new(pb::ChangesResponse {

@@ -25,23 +25,31 @@ use crate::domain::{
     Rev, SyncKey, WriteOutcome,
 };
 
-/// What the writer is asked to do.
+/// Where a request's result goes: each request has its own, typed.
+pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What the writer is asked to do; each request carries the reply of its
+/// own type, so a result can only ever reach the caller that expects it.
 pub(super) enum Op {
     CreateDatabase {
         name: DbName,
         sync_key: SyncKey,
+        reply: Reply<DatabaseInfo>,
     },
-    DeleteDatabase {
-        name: DbName,
-    },
+    /// Answered with the seq of the deletion event.
+    DeleteDatabase { name: DbName, reply: Reply<u64> },
+    /// Answered with one result per write, in order.
     Write {
         database: DbName,
         writes: Vec<DocWrite>,
+        reply: Reply<Vec<Result<WriteOutcome>>>,
     },
+    /// Answered with the event's seq.
     Notify {
         sync_key: SyncKey,
         aliases: Vec<Alias>,
         attributes: BTreeMap<String, String>,
+        reply: Reply<u64>,
     },
 }
 
@@ -80,7 +88,7 @@ impl Op {
     /// The database the op names, if any.
     pub(super) fn database(&self) -> Option<&DbName> {
         match self {
-            Op::CreateDatabase { name, .. } | Op::DeleteDatabase { name } => Some(name),
+            Op::CreateDatabase { name, .. } | Op::DeleteDatabase { name, .. } => Some(name),
             Op::Write { database, .. } => Some(database),
             Op::Notify { .. } => None,
         }
@@ -91,21 +99,76 @@ fn aliases_len(aliases: &[Alias]) -> usize {
     aliases.iter().map(|a| a.as_str().len() + 8).sum()
 }
 
-/// What an `Op` produced.
-pub(super) enum Outcome {
-    Database(DatabaseInfo),
-    /// The seq of the deletion event.
-    Deleted(u64),
-    Written(Vec<Result<WriteOutcome>>),
-    Notified(u64),
+impl Op {
+    /// This op's answer when the batch failed before (or while) running it.
+    pub(super) fn failed(self, error: Error) -> Answer {
+        match self {
+            Op::CreateDatabase { reply, .. } => Answer::Database(reply, Err(error)),
+            Op::DeleteDatabase { reply, .. } => Answer::Deleted(reply, Err(error)),
+            Op::Write { reply, .. } => Answer::Written(reply, Err(error)),
+            Op::Notify { reply, .. } => Answer::Notified(reply, Err(error)),
+        }
+    }
 }
 
-pub(super) type Reply = oneshot::Sender<Result<Outcome>>;
+/// A request's reply with its result, sent once the batch is committed
+/// (and, on SQLite, published). Each variant pairs a reply with a result
+/// of the same type: the compiler, not a run-time check, matches them.
+pub(super) enum Answer {
+    Database(Reply<DatabaseInfo>, Result<DatabaseInfo>),
+    Deleted(Reply<u64>, Result<u64>),
+    Written(
+        Reply<Vec<Result<WriteOutcome>>>,
+        Result<Vec<Result<WriteOutcome>>>,
+    ),
+    Notified(Reply<u64>, Result<u64>),
+}
+
+impl Answer {
+    /// Sends the result. A caller that went away (cancelled RPC) no longer
+    /// needs it; the batch is committed either way.
+    pub(super) fn send(self) {
+        match self {
+            Answer::Database(reply, result) => drop(reply.send(result)),
+            Answer::Deleted(reply, result) => drop(reply.send(result)),
+            Answer::Written(reply, result) => drop(reply.send(result)),
+            Answer::Notified(reply, result) => drop(reply.send(result)),
+        }
+    }
+
+    /// The same reply with `error` as its result: the batch did not commit.
+    pub(super) fn failing(self, error: Error) -> Answer {
+        match self {
+            Answer::Database(reply, _) => Answer::Database(reply, Err(error)),
+            Answer::Deleted(reply, _) => Answer::Deleted(reply, Err(error)),
+            Answer::Written(reply, _) => Answer::Written(reply, Err(error)),
+            Answer::Notified(reply, _) => Answer::Notified(reply, Err(error)),
+        }
+    }
+
+    /// Takes out the request's error if it is one that loses the whole
+    /// batch (storage), leaving a placeholder: the batch fails every answer.
+    fn take_batch_error(&mut self) -> Option<Error> {
+        fn take<T>(result: &mut Result<T>) -> Option<Error> {
+            match result {
+                Err(e) if aborts_batch(e) => {
+                    std::mem::replace(result, Err(Error::Storage("the batch failed".into()))).err()
+                }
+                _ => None,
+            }
+        }
+        match self {
+            Answer::Database(_, result) => take(result),
+            Answer::Deleted(_, result) => take(result),
+            Answer::Written(_, result) => take(result),
+            Answer::Notified(_, result) => take(result),
+        }
+    }
+}
 
 pub(super) enum Command {
     Run {
         op: Op,
-        reply: Reply,
         /// The op's share of the writer queue's byte budget (large ops only),
         /// given back once it is answered.
         permit: Option<OwnedSemaphorePermit>,
@@ -114,8 +177,11 @@ pub(super) enum Command {
     Shutdown { reply: oneshot::Sender<()> },
 }
 
-/// A queued op with its reply and budget share.
-pub(super) type Queued = (Op, Reply, Option<OwnedSemaphorePermit>);
+/// A queued op with its budget share.
+pub(super) struct Queued {
+    pub op: Op,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
 
 /// Retention of the event log.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +215,8 @@ pub(super) struct Current {
     pub rev: Rev,
     pub deleted: bool,
     pub seq: u64,
-    /// Set when this batch wrote the document (the body is not stored yet).
+    /// The live body when the batch knows it: it wrote the document (the
+    /// body is not stored yet), or read it for a conflict.
     pub body: Option<Body>,
 }
 
@@ -248,7 +315,7 @@ pub(super) async fn serve<E: Engine>(
         let mut ops = Vec::with_capacity(batch.len());
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Run { op, reply, permit } => ops.push((op, reply, permit)),
+                Command::Run { op, permit } => ops.push(Queued { op, permit }),
                 Command::Shutdown { reply } => {
                     // Refuse new commands; queued ones are still drained.
                     rx.close();
@@ -314,11 +381,11 @@ fn fail_queued(rx: &mut mpsc::Receiver<Command>, batch: Vec<Command>) {
     let queued = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
     for cmd in batch.into_iter().chain(queued) {
         match cmd {
-            Command::Run { reply, .. } => {
-                let _ = reply.send(Err(Error::Unavailable(
+            Command::Run { op, .. } => op
+                .failed(Error::Unavailable(
                     "the server can no longer write to its database and is stopping".into(),
-                )));
-            }
+                ))
+                .send(),
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
             }
@@ -326,41 +393,31 @@ fn fail_queued(rx: &mut mpsc::Receiver<Command>, batch: Vec<Command>) {
     }
 }
 
-/// Splits queued ops into the ops, their replies and their permits.
-pub(super) fn unzip(
-    queued: Vec<Queued>,
-) -> (Vec<Op>, Vec<Reply>, Vec<Option<OwnedSemaphorePermit>>) {
-    let mut ops = Vec::with_capacity(queued.len());
-    let mut replies = Vec::with_capacity(queued.len());
-    let mut permits = Vec::with_capacity(queued.len());
-    for (op, reply, permit) in queued {
-        ops.push(op);
-        replies.push(reply);
-        permits.push(permit);
-    }
-    (ops, replies, permits)
+/// Splits queued ops into the ops and their permits.
+pub(super) fn unzip(queued: Vec<Queued>) -> (Vec<Op>, Vec<Option<OwnedSemaphorePermit>>) {
+    queued.into_iter().map(|q| (q.op, q.permit)).unzip()
 }
 
-/// Answers every request of a batch that failed.
-pub(super) fn fail_all(replies: Vec<Reply>, error: impl Fn() -> Error) {
-    for reply in replies {
-        let _ = reply.send(Err(error()));
-    }
+/// The answers of a batch that failed: each with `error()` instead.
+pub(super) fn failing_all(answers: Vec<Answer>, error: impl Fn() -> Error) -> Vec<Answer> {
+    answers.into_iter().map(|a| a.failing(error())).collect()
 }
 
 /// Most events deleted in one batch, so pruning never stalls writers.
 const PRUNE_CHUNK: u64 = 10_000;
 
 /// Runs `ops` as one batch on `tx`, inside a transaction the caller began,
-/// and commits it (`Tx::finish`). Returns one result per op and fills
-/// `events` with what to publish. On error nothing is committed and `state`
-/// must be thrown away (or restored) by the caller.
+/// and commits it (`Tx::finish`). Pushes one answer per op to `answers`
+/// (in order) and fills `events` with what to publish. On error nothing is
+/// committed, `answers` still holds one answer per op (to be failed with
+/// `fail_all`), and `state` must be thrown away (or restored) by the caller.
 pub(super) async fn apply<T: Tx>(
     tx: &mut T,
     state: &mut State,
     ops: Vec<Op>,
     events: &mut Vec<Event>,
-) -> Result<Vec<Result<Outcome>>> {
+    answers: &mut Vec<Answer>,
+) -> Result<()> {
     let mut batch = Batch {
         tx,
         state,
@@ -368,46 +425,22 @@ pub(super) async fn apply<T: Tx>(
         events,
     };
     let (seq_before, db_id_before) = (batch.state.last_seq, batch.state.last_db_id);
-    batch.prefetch(&ops).await?;
-    let mut results = Vec::with_capacity(ops.len());
-    for (index, op) in ops.into_iter().enumerate() {
-        let result = match op {
-            Op::CreateDatabase { name, sync_key } => {
-                batch.flush().await?;
-                batch.create_database(name, sync_key).await
-            }
-            Op::DeleteDatabase { name } => {
-                batch.flush().await?;
-                batch.delete_database(&name).await
-            }
-            Op::Write { database, writes } => batch.write_docs(index, &database, writes).await,
-            Op::Notify {
-                sync_key,
-                aliases,
-                attributes,
-            } => {
-                let seq = batch.next_seq();
-                batch.pending.events.push(Event {
-                    seq,
-                    sync_key,
-                    database: None,
-                    id: None,
-                    rev: None,
-                    deleted: false,
-                    aliases,
-                    attributes,
-                });
-                Ok(Outcome::Notified(seq))
-            }
-        };
+    let mut ops = ops.into_iter();
+    if let Err(e) = batch.prefetch(ops.as_slice()).await {
+        answers.extend(ops.map(|op| op.failed(Error::Storage("the batch failed".into()))));
+        return Err(e);
+    }
+    while let Some(op) = ops.next() {
+        let mut answer = batch.run(op).await;
         // Storage failures abort the whole batch (its transaction is rolled
         // back by the caller); everything else is the op's answer.
-        match result {
-            Err(e) if aborts_batch(&e) => return Err(e),
-            other => results.push(other),
+        let lost = answer.take_batch_error();
+        answers.push(answer);
+        if let Some(e) = lost {
+            answers.extend(ops.map(|op| op.failed(Error::Storage("the batch failed".into()))));
+            return Err(e);
         }
     }
-    batch.fill_conflicts(&mut results).await?;
     batch.flush().await?;
     let state = &mut *batch.state;
     let mut tail = Tail {
@@ -431,15 +464,15 @@ pub(super) async fn apply<T: Tx>(
         }
     }
     batch.tx.finish(tail).await?;
-    count_outcomes(&results);
-    Ok(results)
+    count_outcomes(answers);
+    Ok(())
 }
 
 /// Committed document writes and conflicts, for the metrics.
-fn count_outcomes(results: &[Result<Outcome>]) {
+fn count_outcomes(answers: &[Answer]) {
     let (mut written, mut conflicts) = (0u64, 0u64);
-    for result in results {
-        if let Ok(Outcome::Written(items)) = result {
+    for answer in answers {
+        if let Answer::Written(_, Ok(items)) = answer {
             for item in items {
                 match item {
                     Ok(_) => written += 1,
@@ -483,9 +516,6 @@ struct Pending {
     events: Vec<Event>,
     /// Per database: the change in live documents and the highest seq.
     counters: HashMap<i64, (i64, u64)>,
-    /// Conflicts whose current document must be read after the batch:
-    /// (op index, item index, database id).
-    conflicts: Vec<(usize, usize, i64)>,
 }
 
 struct Batch<'a, T> {
@@ -501,12 +531,62 @@ impl<T: Tx> Batch<'_, T> {
         self.state.last_seq
     }
 
+    /// Runs one op against the batch's state; its answer.
+    async fn run(&mut self, op: Op) -> Answer {
+        match op {
+            Op::CreateDatabase {
+                name,
+                sync_key,
+                reply,
+            } => {
+                let result = match self.flush().await {
+                    Ok(()) => self.create_database(name, sync_key).await,
+                    Err(e) => Err(e),
+                };
+                Answer::Database(reply, result)
+            }
+            Op::DeleteDatabase { name, reply } => {
+                let result = match self.flush().await {
+                    Ok(()) => self.delete_database(&name).await,
+                    Err(e) => Err(e),
+                };
+                Answer::Deleted(reply, result)
+            }
+            Op::Write {
+                database,
+                writes,
+                reply,
+            } => Answer::Written(reply, self.write_docs(&database, writes).await),
+            Op::Notify {
+                sync_key,
+                aliases,
+                attributes,
+                reply,
+            } => {
+                let seq = self.next_seq();
+                self.pending.events.push(Event {
+                    seq,
+                    sync_key,
+                    database: None,
+                    id: None,
+                    rev: None,
+                    deleted: false,
+                    aliases,
+                    attributes,
+                });
+                Answer::Notified(reply, Ok(seq))
+            }
+        }
+    }
+
     /// Reads, in one query per database, the current revision of every
     /// document the batch's writes touch.
     async fn prefetch(&mut self, ops: &[Op]) -> Result<()> {
         let mut wanted: HashMap<i64, Vec<&DocId>> = HashMap::new();
         for op in ops {
-            if let Op::Write { database, writes } = op
+            if let Op::Write {
+                database, writes, ..
+            } = op
                 && let Some(db) = self.state.databases.get(database)
             {
                 wanted
@@ -551,10 +631,9 @@ impl<T: Tx> Batch<'_, T> {
     /// Applies document writes in order, each on its own.
     async fn write_docs(
         &mut self,
-        op_index: usize,
         database: &DbName,
         writes: Vec<DocWrite>,
-    ) -> Result<Outcome> {
+    ) -> Result<Vec<Result<WriteOutcome>>> {
         let db = self
             .state
             .databases
@@ -562,64 +641,72 @@ impl<T: Tx> Batch<'_, T> {
             .cloned()
             .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
         let mut results = Vec::with_capacity(writes.len());
-        for (item, write) in writes.into_iter().enumerate() {
+        for write in writes {
             let current = self.current(db.id, &write.id).await?;
-            results.push(self.write_doc((op_index, item), database, &db, write, current));
+            let result = match check(&write, current.as_ref()) {
+                Ok(parent) => Ok(self.write_doc(database, &db, write, parent)),
+                Err(Refused::NotFound) => Err(not_found(database, &write.id)),
+                Err(Refused::Conflict) => Err(self.conflict(database, &db, write, current).await?),
+            };
+            results.push(result);
         }
-        Ok(Outcome::Written(results))
+        Ok(results)
     }
 
-    /// One document write against the batch's state: checks the revision,
-    /// assigns the seq and records the row and event to write.
-    fn write_doc(
+    /// The conflict `write` ran into, with the document as it is now when
+    /// it is live (read from storage once per document and batch, when this
+    /// batch did not write it).
+    async fn conflict(
         &mut self,
-        (op_index, item): (usize, usize),
         database: &DbName,
         db: &DbRow,
         write: DocWrite,
         current: Option<Current>,
-    ) -> Result<WriteOutcome> {
-        let names = |c: &Current| write.rev.as_ref() == Some(&c.rev);
-        let (parent, delta) = match (&write.change, &current) {
-            // Create: nothing there yet.
-            (DocChange::Put(_), None) if write.rev.is_none() => (None, 1),
-            // Update of a live document naming its current revision.
-            (DocChange::Put(_), Some(c)) if !c.deleted && names(c) => (Some(c.rev.clone()), 0),
-            // Recreate over a tombstone: its generation continues.
-            (DocChange::Put(_), Some(c)) if c.deleted && (write.rev.is_none() || names(c)) => {
-                (Some(c.rev.clone()), 1)
-            }
-            (DocChange::Delete, None) => return Err(not_found(database, &write.id)),
-            (DocChange::Delete, Some(c)) if c.deleted => {
-                return Err(not_found(database, &write.id));
-            }
-            (DocChange::Delete, Some(c)) if names(c) => (Some(c.rev.clone()), -1),
-            (_, current) => {
-                let current_doc = current.as_ref().and_then(|c| match (&c.body, c.deleted) {
-                    (Some(body), false) => Some(Box::new(Document {
-                        id: write.id.clone(),
-                        rev: c.rev.clone(),
-                        body: body.clone(),
-                        seq: c.seq,
-                    })),
-                    _ => None,
-                });
-                if current
-                    .as_ref()
-                    .is_some_and(|c| !c.deleted && c.body.is_none())
-                {
-                    // The live body is in storage: read it after the batch.
-                    self.pending.conflicts.push((op_index, item, db.id));
+    ) -> Result<Error> {
+        let mut current_doc = None;
+        if let Some(c) = current.as_ref().filter(|c| !c.deleted) {
+            let body = match &c.body {
+                Some(body) => Some(body.clone()),
+                None => {
+                    let stored = self.tx.documents(db.id, &[&write.id]).await?.pop();
+                    let body = stored.filter(|d| d.rev == c.rev).map(|d| d.body);
+                    if let Some(body) = &body
+                        && let Some(Some(known)) =
+                            self.pending.docs.get_mut(&(db.id, write.id.clone()))
+                    {
+                        known.body = Some(body.clone());
+                    }
+                    body
                 }
-                return Err(Error::Conflict {
-                    database: database.to_string(),
-                    id: write.id,
-                    sent_rev: write.rev,
-                    current_rev: current.as_ref().map(|c| c.rev.clone()),
-                    current: current_doc,
-                });
-            }
-        };
+            };
+            current_doc = body.map(|body| {
+                Box::new(Document {
+                    id: write.id.clone(),
+                    rev: c.rev.clone(),
+                    body,
+                    seq: c.seq,
+                })
+            });
+        }
+        Ok(Error::Conflict {
+            database: database.to_string(),
+            id: write.id,
+            sent_rev: write.rev,
+            current_rev: current.map(|c| c.rev),
+            current: current_doc,
+        })
+    }
+
+    /// Applies one write the revision rules allowed (`parent`, and the
+    /// change in live documents): assigns its seq and records the row and
+    /// event to write.
+    fn write_doc(
+        &mut self,
+        database: &DbName,
+        db: &DbRow,
+        write: DocWrite,
+        (parent, delta): (Option<Rev>, i64),
+    ) -> WriteOutcome {
         let (deleted, body) = match write.change {
             DocChange::Put(body) => (false, body),
             DocChange::Delete => (true, Body::empty()),
@@ -656,50 +743,11 @@ impl<T: Tx> Batch<'_, T> {
         let counters = self.pending.counters.entry(db.id).or_default();
         counters.0 += delta;
         counters.1 = seq;
-        Ok(WriteOutcome {
+        WriteOutcome {
             id: write.id,
             rev,
             seq,
-        })
-    }
-
-    /// Puts the current live document into conflicts whose body is in
-    /// storage (documents this batch did not write), reading them in one
-    /// query per database.
-    async fn fill_conflicts(&mut self, results: &mut [Result<Outcome>]) -> Result<()> {
-        let conflicts = std::mem::take(&mut self.pending.conflicts);
-        let mut wanted: HashMap<i64, Vec<DocId>> = HashMap::new();
-        for (op_index, item, db_id) in &conflicts {
-            if let Some(Ok(Outcome::Written(items))) = results.get(*op_index)
-                && let Some(Err(Error::Conflict { id, .. })) = items.get(*item)
-            {
-                wanted.entry(*db_id).or_default().push(id.clone());
-            }
         }
-        let mut found: HashMap<(i64, DocId), Document> = HashMap::new();
-        for (db_id, mut ids) in wanted {
-            ids.sort_unstable();
-            ids.dedup();
-            let ids: Vec<&DocId> = ids.iter().collect();
-            for doc in self.tx.documents(db_id, &ids).await? {
-                found.insert((db_id, doc.id.clone()), doc);
-            }
-        }
-        for (op_index, item, db_id) in conflicts {
-            if let Some(Ok(Outcome::Written(items))) = results.get_mut(op_index)
-                && let Some(Err(Error::Conflict {
-                    id,
-                    current_rev: Some(rev),
-                    current,
-                    ..
-                })) = items.get_mut(item)
-                && let Some(doc) = found.get(&(db_id, id.clone()))
-                && doc.rev == *rev
-            {
-                *current = Some(Box::new(doc.clone()));
-            }
-        }
-        Ok(())
     }
 
     /// Writes the batch's pending documents and events.
@@ -725,7 +773,7 @@ impl<T: Tx> Batch<'_, T> {
     /// `created_seq` is the head seq at creation: a previous instance of the
     /// name ended with a deletion event, so every seq a client can hold from
     /// it is smaller.
-    async fn create_database(&mut self, name: DbName, sync_key: SyncKey) -> Result<Outcome> {
+    async fn create_database(&mut self, name: DbName, sync_key: SyncKey) -> Result<DatabaseInfo> {
         if self.state.databases.contains_key(&name) {
             return Err(Error::DatabaseExists(name.to_string()));
         }
@@ -746,14 +794,14 @@ impl<T: Tx> Batch<'_, T> {
                 sync_key: info.sync_key.clone(),
             },
         );
-        Ok(Outcome::Database(info))
+        Ok(info)
     }
 
     /// Deletes a database and its documents, and logs the deletion as an
     /// event of its sync key, so subscribers learn of it (live or replayed).
     /// The batch forgets everything it knew of the database, counters
     /// included: a database created again in the same batch starts empty.
-    async fn delete_database(&mut self, name: &DbName) -> Result<Outcome> {
+    async fn delete_database(&mut self, name: &DbName) -> Result<u64> {
         let db = self
             .state
             .databases
@@ -776,7 +824,7 @@ impl<T: Tx> Batch<'_, T> {
             aliases: Vec::new(),
             attributes: BTreeMap::new(),
         });
-        Ok(Outcome::Deleted(seq))
+        Ok(seq)
     }
 }
 
@@ -804,9 +852,483 @@ pub(super) fn attributes_json(attributes: &BTreeMap<String, String>) -> Cow<'sta
     Cow::Owned(serde_json::Value::Object(map).to_string())
 }
 
+/// The revision rules: whether `write` may apply to the document as
+/// it is (`current`), and if so its parent revision and the change in
+/// live documents.
+fn check(
+    write: &DocWrite,
+    current: Option<&Current>,
+) -> std::result::Result<(Option<Rev>, i64), Refused> {
+    let names = |c: &Current| write.rev.as_ref() == Some(&c.rev);
+    match (&write.change, current) {
+        // Create: nothing there yet.
+        (DocChange::Put(_), None) if write.rev.is_none() => Ok((None, 1)),
+        // Update of a live document naming its current revision.
+        (DocChange::Put(_), Some(c)) if !c.deleted && names(c) => Ok((Some(c.rev.clone()), 0)),
+        // Recreate over a tombstone: its generation continues.
+        (DocChange::Put(_), Some(c)) if c.deleted && (write.rev.is_none() || names(c)) => {
+            Ok((Some(c.rev.clone()), 1))
+        }
+        (DocChange::Delete, None) => Err(Refused::NotFound),
+        (DocChange::Delete, Some(c)) if c.deleted => Err(Refused::NotFound),
+        (DocChange::Delete, Some(c)) if names(c) => Ok((Some(c.rev.clone()), -1)),
+        _ => Err(Refused::Conflict),
+    }
+}
+
+/// Why the revision rules refused a write.
+enum Refused {
+    /// A delete of a missing or deleted document.
+    NotFound,
+    /// A stale, missing or unexpected rev.
+    Conflict,
+}
+
 fn not_found(database: &DbName, id: &DocId) -> Error {
     Error::DocumentNotFound {
         database: database.to_string(),
         id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The revision rules and the batch's bookkeeping, through a fake
+    //! transaction: an in-memory table of documents, the events and the
+    //! counters it was asked to write.
+
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeTx {
+        /// Committed documents (as a real table would hold them).
+        docs: HashMap<(i64, DocId), Document>,
+        /// The deleted flag of each committed document.
+        deleted: HashMap<(i64, DocId), bool>,
+        events: Vec<Event>,
+        databases: Vec<(i64, DbName)>,
+        tails: Vec<Tail>,
+        /// `documents` calls (conflicts reading a stored body).
+        body_reads: usize,
+        /// Fail `put_docs` with a storage error.
+        broken: bool,
+    }
+
+    impl Tx for FakeTx {
+        async fn doc_states(
+            &mut self,
+            db_id: i64,
+            ids: &[&DocId],
+        ) -> Result<Vec<(DocId, Current)>> {
+            Ok(ids
+                .iter()
+                .filter_map(|id| {
+                    let doc = self.docs.get(&(db_id, (*id).clone()))?;
+                    Some((
+                        doc.id.clone(),
+                        Current {
+                            rev: doc.rev.clone(),
+                            deleted: self.deleted[&(db_id, doc.id.clone())],
+                            seq: doc.seq,
+                            body: None,
+                        },
+                    ))
+                })
+                .collect())
+        }
+
+        async fn documents(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<Document>> {
+            self.body_reads += 1;
+            Ok(ids
+                .iter()
+                .filter_map(|id| self.docs.get(&(db_id, (*id).clone())).cloned())
+                .collect())
+        }
+
+        async fn put_docs(&mut self, rows: &[DocRow]) -> Result<()> {
+            if self.broken {
+                return Err(Error::Storage("the disk is gone".into()));
+            }
+            for row in rows {
+                let key = (row.db_id, row.id.clone());
+                self.deleted.insert(key.clone(), row.deleted);
+                self.docs.insert(
+                    key,
+                    Document {
+                        id: row.id.clone(),
+                        rev: row.rev.clone(),
+                        body: row.body.clone(),
+                        seq: row.seq,
+                    },
+                );
+            }
+            Ok(())
+        }
+
+        async fn put_events(&mut self, events: &[Event]) -> Result<()> {
+            self.events.extend_from_slice(events);
+            Ok(())
+        }
+
+        async fn insert_database(&mut self, id: i64, info: &DatabaseInfo) -> Result<()> {
+            self.databases.push((id, info.name.clone()));
+            Ok(())
+        }
+
+        async fn delete_database(&mut self, id: i64) -> Result<()> {
+            self.databases.retain(|(i, _)| *i != id);
+            self.docs.retain(|(db, _), _| *db != id);
+            Ok(())
+        }
+
+        async fn finish(&mut self, tail: Tail) -> Result<()> {
+            self.tails.push(tail);
+            Ok(())
+        }
+    }
+
+    fn state() -> State {
+        State {
+            last_seq: 0,
+            last_db_id: 1,
+            retention: Retention {
+                keep: 1_000_000,
+                pruned_through: 0,
+            },
+            databases: HashMap::from([(
+                db(),
+                DbRow {
+                    id: 1,
+                    sync_key: SyncKey::parse("k", "cars").unwrap(),
+                },
+            )]),
+        }
+    }
+
+    fn db() -> DbName {
+        DbName::parse("d", "cars").unwrap()
+    }
+
+    fn body(n: i64) -> Body {
+        let mut map = serde_json::Map::new();
+        map.insert("n".into(), n.into());
+        Body::parse(
+            "body",
+            map,
+            crate::domain::BodyLimits {
+                max_bytes: 1000,
+                max_depth: 4,
+            },
+        )
+        .unwrap()
+    }
+
+    fn put(id: &str, rev: Option<&Rev>, n: i64) -> DocWrite {
+        DocWrite {
+            id: DocId::parse("id", id).unwrap(),
+            rev: rev.cloned(),
+            change: DocChange::Put(body(n)),
+            aliases: Vec::new(),
+        }
+    }
+
+    fn delete(id: &str, rev: Option<&Rev>) -> DocWrite {
+        DocWrite {
+            id: DocId::parse("id", id).unwrap(),
+            rev: rev.cloned(),
+            change: DocChange::Delete,
+            aliases: Vec::new(),
+        }
+    }
+
+    type Items = Vec<Result<WriteOutcome>>;
+
+    /// Runs one batch of Write ops (one per entry of `ops`) on `tx`; each
+    /// op's result.
+    async fn writes(
+        tx: &mut FakeTx,
+        state: &mut State,
+        ops: Vec<Vec<DocWrite>>,
+    ) -> Vec<Result<Items>> {
+        let mut receivers = Vec::new();
+        let ops = ops
+            .into_iter()
+            .map(|writes| {
+                let (reply, rx) = oneshot::channel();
+                receivers.push(rx);
+                Op::Write {
+                    database: db(),
+                    writes,
+                    reply,
+                }
+            })
+            .collect();
+        let (mut events, mut answers) = (Vec::new(), Vec::new());
+        apply(tx, state, ops, &mut events, &mut answers)
+            .await
+            .unwrap();
+        answers.into_iter().for_each(Answer::send);
+        receivers
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap())
+            .collect()
+    }
+
+    /// One op of one write; its result.
+    async fn write(tx: &mut FakeTx, state: &mut State, w: DocWrite) -> Result<WriteOutcome> {
+        let mut results = writes(tx, state, vec![vec![w]]).await;
+        results.pop().unwrap().unwrap().pop().unwrap()
+    }
+
+    /// A short description of a result: `ok g<generation> s<seq>`,
+    /// `conflict current=<generation or none> body=<n or none>`,
+    /// `not found`, or the error.
+    fn show(result: &Result<WriteOutcome>) -> String {
+        match result {
+            Ok(out) => format!("ok g{} s{}", out.rev.generation(), out.seq),
+            Err(Error::Conflict {
+                current_rev,
+                current,
+                ..
+            }) => format!(
+                "conflict current={} body={}",
+                current_rev
+                    .as_ref()
+                    .map_or("none".into(), |r| format!("g{}", r.generation())),
+                current
+                    .as_ref()
+                    .map_or("none".into(), |d| d.body.canonical_json().to_string())
+            ),
+            Err(Error::DocumentNotFound { .. }) => "not found".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn create_update_and_a_stale_rev() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        let first = write(&mut tx, &mut st, put("x", None, 1)).await.unwrap();
+        assert_eq!(show(&Ok(first.clone())), "ok g1 s1");
+        let second = write(&mut tx, &mut st, put("x", Some(&first.rev), 2)).await;
+        assert_eq!(show(&second), "ok g2 s2");
+        // A stale rev, and a create of an existing document: conflicts that
+        // carry the current document, read from storage once per batch.
+        let results = writes(
+            &mut tx,
+            &mut st,
+            vec![vec![put("x", Some(&first.rev), 3)], vec![put("x", None, 4)]],
+        )
+        .await;
+        let shown: Vec<String> = results
+            .iter()
+            .map(|r| show(&r.as_ref().unwrap()[0]))
+            .collect();
+        assert_eq!(shown, ["conflict current=g2 body={\"n\":2}"; 2]);
+        assert_eq!(tx.body_reads, 1);
+        // Nothing was written by the conflicts: no seq, no event.
+        assert_eq!(st.last_seq, 2);
+        assert_eq!(tx.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        // The same revision rule from identical input: revisions are
+        // deterministic, so both nodes of a race compute the same rev.
+        assert_eq!(first.rev, Rev::next(None, false, &body(1)));
+    }
+
+    #[tokio::test]
+    async fn a_conflict_on_a_document_written_in_the_same_batch_carries_its_new_body() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        let results = writes(
+            &mut tx,
+            &mut st,
+            vec![vec![put("x", None, 1)], vec![put("x", None, 2)]],
+        )
+        .await;
+        let shown: Vec<String> = results
+            .iter()
+            .map(|r| show(&r.as_ref().unwrap()[0]))
+            .collect();
+        assert_eq!(shown, ["ok g1 s1", "conflict current=g1 body={\"n\":1}"]);
+        assert_eq!(tx.body_reads, 0, "the body was known to the batch");
+    }
+
+    #[tokio::test]
+    async fn tombstone_recreate_and_generation() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        let g1 = write(&mut tx, &mut st, put("x", None, 1)).await.unwrap();
+        // A delete needs the current rev.
+        let stale = write(&mut tx, &mut st, delete("x", None)).await;
+        assert_eq!(show(&stale), "conflict current=g1 body={\"n\":1}");
+        let tomb = write(&mut tx, &mut st, delete("x", Some(&g1.rev))).await;
+        assert_eq!(show(&tomb), "ok g2 s2");
+        let tomb = tomb.unwrap();
+        assert!(tx.deleted[&(1, DocId::parse("id", "x").unwrap())]);
+        // Deleting a tombstone or a missing document: not found.
+        let again = write(&mut tx, &mut st, delete("x", Some(&tomb.rev))).await;
+        assert_eq!(show(&again), "not found");
+        let missing = write(&mut tx, &mut st, delete("nope", None)).await;
+        assert_eq!(show(&missing), "not found");
+        // A stale rev over a tombstone is a conflict with no live document.
+        let stale = write(&mut tx, &mut st, put("x", Some(&g1.rev), 2)).await;
+        assert_eq!(show(&stale), "conflict current=g2 body=none");
+        // Re-created without a rev (or with the tombstone's): the
+        // generation continues from the tombstone.
+        let recreated = write(&mut tx, &mut st, put("x", None, 3)).await;
+        assert_eq!(show(&recreated), "ok g3 s3");
+        let updated = write(&mut tx, &mut st, put("x", Some(&recreated.unwrap().rev), 4)).await;
+        assert_eq!(show(&updated), "ok g4 s4");
+        // Live documents counted per batch: +1, -1, +1, 0.
+        let deltas: Vec<i64> = tx
+            .tails
+            .iter()
+            .filter_map(|t| t.databases.first().map(|d| d.1))
+            .collect();
+        assert_eq!(deltas, [1, -1, 1, 0]);
+    }
+
+    #[tokio::test]
+    async fn bulk_items_each_get_their_own_result_in_order() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        let existing = write(&mut tx, &mut st, put("taken", None, 0))
+            .await
+            .unwrap();
+        let a1 = Rev::next(None, false, &body(1));
+        let results = writes(
+            &mut tx,
+            &mut st,
+            vec![vec![
+                put("a", None, 1),
+                put("taken", None, 2),
+                // Sees the write of the first item, in the same op.
+                put("a", Some(&a1), 3),
+                delete("missing", None),
+                put("taken", Some(&existing.rev), 5),
+                delete("a", Some(&a1)),
+            ]],
+        )
+        .await;
+        let shown: Vec<String> = results[0].as_ref().unwrap().iter().map(show).collect();
+        assert_eq!(
+            shown,
+            [
+                "ok g1 s2",
+                "conflict current=g1 body={\"n\":0}",
+                "ok g2 s3",
+                "not found",
+                "ok g2 s4",
+                "conflict current=g2 body={\"n\":3}",
+            ]
+        );
+        // One row per document (its last state), one event per success.
+        assert_eq!(
+            tx.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(tx.docs[&(1, DocId::parse("id", "a").unwrap())].seq, 3);
+    }
+
+    #[tokio::test]
+    async fn a_missing_database_fails_the_op_and_a_storage_error_fails_the_batch() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Write {
+            database: DbName::parse("d", "boats").unwrap(),
+            writes: vec![put("x", None, 1)],
+            reply,
+        };
+        let (mut events, mut answers) = (Vec::new(), Vec::new());
+        apply(&mut tx, &mut st, vec![op], &mut events, &mut answers)
+            .await
+            .unwrap();
+        answers.into_iter().for_each(Answer::send);
+        assert!(matches!(
+            rx.await.unwrap(),
+            Err(Error::DatabaseNotFound(name)) if name == "boats"
+        ));
+
+        // put_docs fails: apply fails, and every op still has its answer.
+        tx.broken = true;
+        let mut receivers = Vec::new();
+        let ops = (0..3)
+            .map(|i| {
+                let (reply, rx) = oneshot::channel();
+                receivers.push(rx);
+                Op::Write {
+                    database: db(),
+                    writes: vec![put(&format!("d{i}"), None, i)],
+                    reply,
+                }
+            })
+            .collect();
+        let (mut events, mut answers) = (Vec::new(), Vec::new());
+        let failed = apply(&mut tx, &mut st, ops, &mut events, &mut answers).await;
+        assert!(matches!(failed, Err(Error::Storage(_))));
+        assert_eq!(answers.len(), 3);
+        failing_all(answers, || Error::Storage("rolled back".into()))
+            .into_iter()
+            .for_each(Answer::send);
+        for rx in receivers {
+            assert!(matches!(rx.await.unwrap(), Err(Error::Storage(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_prunes_at_most_a_chunk_per_batch() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        st.retention.keep = 3;
+        for i in 0..5 {
+            write(&mut tx, &mut st, put(&format!("d{i}"), None, i))
+                .await
+                .unwrap();
+        }
+        let pruned: Vec<Option<u64>> = tx.tails.iter().map(|t| t.prune_through).collect();
+        assert_eq!(pruned, [None, None, None, Some(1), Some(2)]);
+        assert_eq!(st.retention.pruned_through, 2);
+
+        // Far behind (a retention lowered at restart): a chunk at a time.
+        st.retention.keep = 1;
+        st.last_seq = 3 * PRUNE_CHUNK;
+        write(&mut tx, &mut st, put("late", None, 0)).await.unwrap();
+        assert_eq!(
+            tx.tails.last().unwrap().prune_through,
+            Some(2 + PRUNE_CHUNK)
+        );
+    }
+
+    #[test]
+    fn a_batch_takes_commands_up_to_its_byte_bound_and_at_least_one() {
+        let op = |bytes: usize| {
+            let mut map = serde_json::Map::new();
+            map.insert("s".into(), "x".repeat(bytes).into());
+            let body = Body::parse(
+                "body",
+                map,
+                crate::domain::BodyLimits {
+                    max_bytes: 1 << 20,
+                    max_depth: 4,
+                },
+            )
+            .unwrap();
+            let (reply, _) = oneshot::channel();
+            Command::Run {
+                op: Op::Write {
+                    database: db(),
+                    writes: vec![DocWrite {
+                        id: DocId::parse("id", "x").unwrap(),
+                        rev: None,
+                        change: DocChange::Put(body),
+                        aliases: Vec::new(),
+                    }],
+                    reply,
+                },
+                permit: None,
+            }
+        };
+        let batch = [op(1000), op(1000), op(1000)];
+        let each = match &batch[0] {
+            Command::Run { op, .. } => op.approx_bytes(),
+            Command::Shutdown { .. } => unreachable!(),
+        };
+        assert_eq!(batch_end(&batch, 3 * each), 3);
+        assert_eq!(batch_end(&batch, 2 * each), 2);
+        assert_eq!(batch_end(&batch, 1), 1, "one command even over the bound");
     }
 }

@@ -16,6 +16,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use crate::domain::{
     Alias, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Result, Rev,
     SyncKey, WriteOutcome,
 };
-use batch::{Command, Op, Outcome};
+use batch::{Command, Op, Reply};
 
 /// Where committed events go (the hub). Must not block.
 pub trait Publish: Send + Sync {
@@ -40,6 +41,82 @@ pub trait Publish: Send + Sync {
 
 /// The store's handle on the [`Publish`] side.
 pub type Publisher = Arc<dyn Publish>;
+
+/// What the hub asks of the event log: a page of events after a seq.
+#[derive(Debug, Clone, Copy)]
+pub struct EventQuery<'a> {
+    /// Only events of these sync keys.
+    pub keys: &'a [SyncKey],
+    /// Only events with a seq above this one.
+    pub after: u64,
+    /// At most this many events...
+    pub limit: u32,
+    /// ...and no more than these bytes of them (`Event::approx_bytes`; at
+    /// least one event).
+    pub max_bytes: usize,
+}
+
+/// The durable event log as the hub reads it: replay after a `since`, and
+/// catch-up after a subscriber's buffer overflowed. Its other half, the
+/// live tail, is [`Publish`]. `Store` implements it; `hub`'s unit tests
+/// drive `Subscription` with a fake one.
+pub trait EventLog: Send + Sync + 'static {
+    /// Reads up to `query.limit` logged events with seq > `query.after`
+    /// for `query.keys`, in seq order, with the head and the retention as of
+    /// the same snapshot.
+    fn read_events(
+        &self,
+        query: EventQuery<'_>,
+    ) -> impl std::future::Future<Output = Result<EventPage>> + Send;
+}
+
+/// The log's two counters, read in one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// The highest committed seq.
+    pub last_seq: u64,
+    /// Events up to this seq have been pruned.
+    pub pruned_through: u64,
+}
+
+/// What a Changes page asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangesQuery<'a> {
+    pub database: &'a DbName,
+    /// Documents changed after this seq...
+    pub since: u64,
+    /// ...at most this many...
+    pub limit: u32,
+    /// ...with their bodies (live documents only) if set.
+    pub include_docs: bool,
+}
+
+/// Takes the changes of a page one by one; `Break` ends the page early.
+pub type TakeChange<'a> = dyn FnMut(Change) -> Result<ControlFlow<()>> + Send + 'a;
+
+/// The read side of a backend: everything `Store` reads, implemented once
+/// by SQLite and once by PostgreSQL. Writes go through the writer the
+/// backend's `open` started (`batch::Engine` and `batch::Tx` are the write
+/// side's traits); the live tail goes to [`Publish`]. Boxed futures, so
+/// `Store` holds either backend behind one `Box<dyn ReadPath>`.
+trait ReadPath: Send + Sync {
+    /// The current revision of a live document.
+    fn get<'a>(&'a self, database: &'a DbName, id: &'a DocId) -> BoxFuture<'a, Result<Document>>;
+    /// The changes feed (see `Store::changes`).
+    fn changes<'a>(
+        &'a self,
+        query: ChangesQuery<'a>,
+        take: &'a mut TakeChange<'a>,
+    ) -> BoxFuture<'a, Result<ChangesPage>>;
+    fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>>;
+    fn counters(&self) -> BoxFuture<'_, Result<Counters>>;
+    /// A page of the event log (see [`EventLog`]).
+    fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>>;
+    /// Sets the backend's own gauges for a metrics scrape.
+    fn observe(&self) {}
+    /// Closes every connection.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
 
 /// A page of the event log, read in one snapshot.
 #[derive(Debug)]
@@ -128,7 +205,7 @@ pub struct ChangesPage {
 
 /// The store: cheap to share behind an `Arc`.
 pub struct Store {
-    reads: Reads,
+    reads: Box<dyn ReadPath>,
     /// Cancelled by `close`: stops the store's background tasks.
     closed: CancellationToken,
     /// Cancelled when an essential task died: the store can no longer serve.
@@ -144,14 +221,9 @@ pub struct Store {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-enum Reads {
-    Sqlite(sqlite::Reads),
-    Postgres(postgres::Reads),
-}
-
 /// What a backend's `open` hands back.
 struct Opened {
-    reads: Reads,
+    reads: Box<dyn ReadPath>,
     tasks: Vec<JoinHandle<()>>,
     reachable: watch::Receiver<bool>,
 }
@@ -245,20 +317,18 @@ impl Store {
         for task in tasks {
             let _ = task.await;
         }
-        match &self.reads {
-            Reads::Sqlite(r) => r.close().await,
-            Reads::Postgres(r) => r.close().await,
-        }
+        self.reads.close().await;
     }
 
-    /// Queues `op` for the writer, once its bytes fit in the writer queue's
-    /// byte budget, and waits for the outcome.
+    /// Queues the op `make` builds around its reply for the writer, once its
+    /// bytes fit in the writer queue's byte budget, and waits for the
+    /// result.
     ///
     /// Only large ops (over `SMALL_OP` bytes) take from the byte budget: the
     /// budget is first come, first served, and a small Put must not wait
     /// behind a 16 MiB BulkPut for room it barely needs. Small ops are bounded
     /// by the calls in flight (`--max-in-flight`) and `--writer-queue`.
-    async fn run(&self, op: Op) -> Result<Outcome> {
+    async fn run<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         const SMALL_OP: usize = 64 * 1024;
         let shutting_down = || {
             if self.failed.is_cancelled() {
@@ -267,6 +337,8 @@ impl Store {
                 Error::Unavailable("the server is shutting down".into())
             }
         };
+        let (reply, rx) = oneshot::channel();
+        let op = make(reply);
         let bytes = op.approx_bytes();
         let permit = if bytes > SMALL_OP {
             // A request bigger than the whole budget waits for all of it.
@@ -281,33 +353,36 @@ impl Store {
         } else {
             None
         };
-        let (reply, rx) = oneshot::channel();
         self.writer
-            .send(Command::Run { op, reply, permit })
+            .send(Command::Run { op, permit })
             .await
             .map_err(|_| shutting_down())?;
         rx.await.map_err(|_| shutting_down())?
     }
 
     pub async fn create_database(&self, name: DbName, sync_key: SyncKey) -> Result<DatabaseInfo> {
-        match self.run(Op::CreateDatabase { name, sync_key }).await? {
-            Outcome::Database(db) => Ok(db),
-            _ => Err(unexpected()),
-        }
+        self.run(|reply| Op::CreateDatabase {
+            name,
+            sync_key,
+            reply,
+        })
+        .await
     }
 
     /// Deletes a database; returns the seq of its deletion event.
     pub async fn delete_database(&self, name: DbName) -> Result<u64> {
-        match self.run(Op::DeleteDatabase { name }).await? {
-            Outcome::Deleted(seq) => Ok(seq),
-            _ => Err(unexpected()),
-        }
+        self.run(|reply| Op::DeleteDatabase { name, reply }).await
     }
 
     /// Writes one document.
     pub async fn write(&self, database: DbName, write: DocWrite) -> Result<WriteOutcome> {
         let mut results = self.write_many(database, vec![write]).await?;
-        results.pop().unwrap_or_else(|| Err(unexpected()))
+        match (results.pop(), results.is_empty()) {
+            (Some(result), true) => result,
+            _ => Err(Error::Storage(
+                "the writer answered one write with other than one result".into(),
+            )),
+        }
     }
 
     /// Writes several documents in one transaction, each independently: one
@@ -317,10 +392,12 @@ impl Store {
         database: DbName,
         writes: Vec<DocWrite>,
     ) -> Result<Vec<Result<WriteOutcome>>> {
-        match self.run(Op::Write { database, writes }).await? {
-            Outcome::Written(results) => Ok(results),
-            _ => Err(unexpected()),
-        }
+        self.run(|reply| Op::Write {
+            database,
+            writes,
+            reply,
+        })
+        .await
     }
 
     /// Logs an application's own notification; returns its seq.
@@ -330,23 +407,18 @@ impl Store {
         aliases: Vec<Alias>,
         attributes: BTreeMap<String, String>,
     ) -> Result<u64> {
-        let op = Op::Notify {
+        self.run(|reply| Op::Notify {
             sync_key,
             aliases,
             attributes,
-        };
-        match self.run(op).await? {
-            Outcome::Notified(seq) => Ok(seq),
-            _ => Err(unexpected()),
-        }
+            reply,
+        })
+        .await
     }
 
     /// The highest committed seq.
     pub async fn last_seq(&self) -> Result<u64> {
-        match &self.reads {
-            Reads::Sqlite(r) => r.counters().await.map(|c| c.0),
-            Reads::Postgres(r) => r.counters().await.map(|c| c.0),
-        }
+        Ok(self.reads.counters().await?.last_seq)
     }
 
     /// The changes feed: documents changed after `since`, each once at its
@@ -355,70 +427,40 @@ impl Store {
     /// rows are streamed, so a page never sits in memory twice.
     pub async fn changes(
         &self,
-        database: &DbName,
-        since: u64,
-        limit: u32,
-        include_docs: bool,
-        take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+        query: ChangesQuery<'_>,
+        mut take: impl FnMut(Change) -> Result<ControlFlow<()>> + Send,
     ) -> Result<ChangesPage> {
-        match &self.reads {
-            Reads::Sqlite(r) => r.changes(database, since, limit, include_docs, take).await,
-            Reads::Postgres(r) => r.changes(database, since, limit, include_docs, take).await,
-        }
-    }
-
-    /// Reads up to `limit` logged events with seq > `after` for `keys`, and
-    /// no more than `max_bytes` of them (`Event::approx_bytes`; at least one
-    /// event), with the head and retention as of the same snapshot.
-    pub async fn read_events(
-        &self,
-        keys: &[SyncKey],
-        after: u64,
-        limit: u32,
-        max_bytes: usize,
-    ) -> Result<EventPage> {
-        match &self.reads {
-            Reads::Sqlite(r) => r.read_events(keys, after, limit, max_bytes).await,
-            Reads::Postgres(r) => r.read_events(keys, after, limit, max_bytes).await,
-        }
+        self.reads.changes(query, &mut take).await
     }
 
     /// Sets the store's gauges (queue depth, oldest replayable seq, pool
     /// connections) for a metrics scrape.
     pub async fn observe(&self) {
-        use crate::telemetry::{OLDEST_REPLAYABLE_SEQ, PG_POOL_CONNECTIONS, WRITER_QUEUE_DEPTH};
+        use crate::telemetry::{OLDEST_REPLAYABLE_SEQ, WRITER_QUEUE_DEPTH};
         let queued = self.writer.max_capacity() - self.writer.capacity();
         #[allow(clippy::cast_precision_loss)] // gauges of counts well below 2^52
         {
             metrics::gauge!(WRITER_QUEUE_DEPTH).set(queued as f64);
-            let counters = match &self.reads {
-                Reads::Sqlite(r) => r.counters().await,
-                Reads::Postgres(r) => r.counters().await,
-            };
-            if let Ok((_, pruned_through)) = counters {
-                metrics::gauge!(OLDEST_REPLAYABLE_SEQ).set((pruned_through + 1) as f64);
-            }
-            if let Reads::Postgres(r) = &self.reads {
-                let (in_use, idle) = r.connections();
-                metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
-                metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+            if let Ok(counters) = self.reads.counters().await {
+                metrics::gauge!(OLDEST_REPLAYABLE_SEQ).set((counters.pruned_through + 1) as f64);
             }
         }
+        self.reads.observe();
     }
 
     pub async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
-        match &self.reads {
-            Reads::Sqlite(r) => r.list_databases().await,
-            Reads::Postgres(r) => r.list_databases().await,
-        }
+        self.reads.list_databases().await
     }
 
     /// The current revision of a live document.
     pub async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
-        match &self.reads {
-            Reads::Sqlite(r) => r.get(database, id).await,
-            Reads::Postgres(r) => r.get(database, id).await,
-        }
+        self.reads.get(database, id).await
+    }
+}
+
+impl EventLog for Store {
+    async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
+        self.reads.read_events(query).await
     }
 }
 
@@ -463,10 +505,6 @@ async fn on_own_thread(
     outcome
         .await
         .unwrap_or_else(|_| Err(Error::Storage(format!("the {name} thread panicked").into())))
-}
-
-fn unexpected() -> Error {
-    Error::Storage("the writer answered with the wrong outcome".into())
 }
 
 /// Decodes a stored event row (both backends use the same columns).
@@ -546,6 +584,26 @@ where
         update_seq: to_u64(row.try_get("update_seq")?),
         created_seq: to_u64(row.try_get("created_seq")?),
     })
+}
+
+/// Reads the `counters` rows [`Counters::from_rows`] takes (both backends).
+const COUNTERS_SQL: &str =
+    "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')";
+
+impl Counters {
+    /// From the `(name, value)` rows of `COUNTERS_SQL`.
+    fn from_rows(rows: &[(String, i64)]) -> Result<Counters> {
+        let get = |name: &str| {
+            rows.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| to_u64(*v))
+                .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
+        };
+        Ok(Counters {
+            last_seq: get("last_seq")?,
+            pruned_through: get("pruned_through")?,
+        })
+    }
 }
 
 fn parse_stored_rev(s: &str) -> Result<Rev> {

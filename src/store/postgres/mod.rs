@@ -23,22 +23,24 @@
 mod tail;
 mod writer;
 
-use std::ops::ControlFlow;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
+use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{Notify, watch};
 
 use super::batch::Retention;
 use super::{
-    ChangesPage, EventPage, StoreOptions, database_from_row, event_from_row, parse_stored_rev,
-    supervise, to_i64, to_u64,
+    COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
+    StoreOptions, TakeChange, database_from_row, event_from_row, parse_stored_rev, supervise,
+    to_i64, to_u64,
 };
-use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result, SyncKey};
+use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result};
+use crate::telemetry::PG_POOL_CONNECTIONS;
 
 /// The channel of the wake-up hint.
 const CHANNEL: &str = "agsync_events";
@@ -174,7 +176,10 @@ pub(super) async fn open(
         .run(&pool)
         .await
         .map_err(|e| Error::Config(format!("cannot migrate PostgreSQL at {target}: {e}")))?;
-    let (last_seq, pruned_through) = read_counters(&pool).await.map_err(|e| match e {
+    let Counters {
+        last_seq,
+        pruned_through,
+    } = read_counters(&pool).await.map_err(|e| match e {
         Error::Storage(why) => Error::Config(format!("cannot read PostgreSQL at {target}: {why}")),
         e => e,
     })?;
@@ -229,40 +234,56 @@ pub(super) async fn open(
         ),
     ];
     Ok(super::Opened {
-        reads: super::Reads::Postgres(Reads { pool, link }),
+        reads: Box::new(Reads { pool, link }),
         tasks,
         reachable,
     })
 }
 
-async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<(u64, u64)> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')",
-    )
-    .fetch_all(conn)
-    .await?;
-    let get = |name: &str| {
-        rows.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| to_u64(*v))
-            .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
-    };
-    Ok((get("last_seq")?, get("pruned_through")?))
+async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<Counters> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(COUNTERS_SQL).fetch_all(conn).await?;
+    Counters::from_rows(&rows)
 }
 
-impl Reads {
-    /// Connections of the pool in use and idle.
-    pub(crate) fn connections(&self) -> (u32, u32) {
+impl ReadPath for Reads {
+    fn get<'a>(&'a self, database: &'a DbName, id: &'a DocId) -> BoxFuture<'a, Result<Document>> {
+        Box::pin(Reads::get(self, database, id))
+    }
+
+    fn changes<'a>(
+        &'a self,
+        query: ChangesQuery<'a>,
+        take: &'a mut TakeChange<'a>,
+    ) -> BoxFuture<'a, Result<ChangesPage>> {
+        Box::pin(Reads::changes(self, query, take))
+    }
+
+    fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
+        Box::pin(Reads::list_databases(self))
+    }
+
+    fn counters(&self) -> BoxFuture<'_, Result<Counters>> {
+        Box::pin(Reads::counters(self))
+    }
+
+    fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>> {
+        Box::pin(Reads::read_events(self, query))
+    }
+
+    /// The pool's connections in use and idle.
+    fn observe(&self) {
         let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
-        (self.pool.size().saturating_sub(idle), idle)
+        let in_use = self.pool.size().saturating_sub(idle);
+        metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+        metrics::gauge!(PG_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
     }
 }
 
 impl Reads {
-    pub(super) async fn close(&self) {
-        self.pool.close().await;
-    }
-
     /// A read-only transaction on one snapshot.
     async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
@@ -273,7 +294,7 @@ impl Reads {
     }
 
     /// The highest committed seq, and the seq the log is pruned through.
-    pub(super) async fn counters(&self) -> Result<(u64, u64)> {
+    pub(super) async fn counters(&self) -> Result<Counters> {
         self.link
             .guard(async move { read_counters(&self.pool).await })
             .await
@@ -281,11 +302,13 @@ impl Reads {
 
     pub(super) async fn changes(
         &self,
-        database: &DbName,
-        since: u64,
-        limit: u32,
-        include_docs: bool,
-        mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+        ChangesQuery {
+            database,
+            since,
+            limit,
+            include_docs,
+        }: ChangesQuery<'_>,
+        take: &mut TakeChange<'_>,
     ) -> Result<ChangesPage> {
         self.link.guard(async move {
             let mut tx = self.snapshot().await?;
@@ -327,17 +350,20 @@ impl Reads {
         .await
     }
 
-    pub(super) async fn read_events(
-        &self,
-        keys: &[SyncKey],
-        after: u64,
-        limit: u32,
-        max_bytes: usize,
-    ) -> Result<EventPage> {
+    pub(super) async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
+        let EventQuery {
+            keys,
+            after,
+            limit,
+            max_bytes,
+        } = query;
         self.link
             .guard(async move {
                 let mut tx = self.snapshot().await?;
-                let (head, pruned_through) = read_counters(&mut *tx).await?;
+                let Counters {
+                    last_seq: head,
+                    pruned_through,
+                } = read_counters(&mut *tx).await?;
                 let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
                 let mut events = Vec::new();
                 {

@@ -23,7 +23,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::{Notify, watch};
 
 use super::super::batch::{
-    self, Current, DbRow, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
+    self, Answer, Current, DbRow, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
     attributes_json,
 };
 use super::super::{parse_stored_rev, to_i64, to_u64};
@@ -65,24 +65,37 @@ impl Writer {
         }
     }
 
-    /// Runs one batch in a transaction on `conn`. On error the caller
-    /// closes the connection, which ends the transaction.
-    #[allow(clippy::type_complexity)]
+    /// Runs one batch in a transaction on `conn`, pushing one answer per op
+    /// to `answers` (even when it fails). On error the caller closes the
+    /// connection, which ends the transaction.
     fn transact<'a>(
         &'a mut self,
         conn: &'a mut PgConnection,
         ops: Vec<batch::Op>,
         events: &'a mut Vec<Event>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Result<batch::Outcome>>>> + Send + 'a>> {
+        answers: &'a mut Vec<Answer>,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
         // Boxed as `Send` here, where the lifetimes are concrete: the
         // compiler cannot prove it through the spawned writer loop.
         Box::pin(async move {
-            // No arguments: the simple query protocol.
-            sqlx::Executor::execute(&mut *conn, "BEGIN").await?;
-            let mut state = lock(conn, &ops, self.retention).await?;
-            let results = batch::apply(conn, &mut state, ops, events).await?;
+            let begun = async {
+                // No arguments: the simple query protocol.
+                sqlx::Executor::execute(&mut *conn, "BEGIN").await?;
+                lock(conn, &ops, self.retention).await
+            };
+            let mut state = match begun.await {
+                Ok(state) => state,
+                Err(e) => {
+                    answers.extend(
+                        ops.into_iter()
+                            .map(|op| op.failed(Error::Storage("the batch failed".into()))),
+                    );
+                    return Err(e);
+                }
+            };
+            batch::apply(conn, &mut state, ops, events, answers).await?;
             self.retention = state.retention;
-            Ok(results)
+            Ok(())
         })
     }
 }
@@ -137,17 +150,23 @@ async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) 
 
 impl Engine for Writer {
     async fn commit(&mut self, queued: Vec<Queued>) -> bool {
-        let (ops, replies, permits) = batch::unzip(queued);
+        let (ops, permits) = batch::unzip(queued);
+        let requests = ops.len();
         let mut events = Vec::new();
+        let mut answers = Vec::with_capacity(requests);
         let started = std::time::Instant::now();
         // Whether this batch reached PostgreSQL at all (if not, nothing of
         // it can have been committed).
         let attempted = self.link.check().is_ok();
         let link = self.link.clone();
+        let mut ops = Some(ops);
         let outcome = link
             .guard(async {
                 let mut conn = self.pool.acquire().await?;
-                let result = self.transact(&mut conn, ops, &mut events).await;
+                let ops = ops.take().unwrap_or_default();
+                let result = self
+                    .transact(&mut conn, ops, &mut events, &mut answers)
+                    .await;
                 if result.is_err() {
                     // Its transaction is unfinished or its state unknown:
                     // closing it rolls back; it is never handed on.
@@ -156,20 +175,20 @@ impl Engine for Writer {
                 result
             })
             .await;
+        // Ops that never reached `transact` (no connection) are answered too.
+        answers.extend(
+            ops.into_iter()
+                .flatten()
+                .map(|op| op.failed(Error::Storage("the batch failed".into()))),
+        );
         let took = started.elapsed();
         if took > Duration::from_millis(500) {
-            tracing::warn!(
-                ?took,
-                requests = replies.len(),
-                "a batch took long to commit"
-            );
+            tracing::warn!(?took, requests, "a batch took long to commit");
         }
         match outcome {
-            Ok(results) => {
+            Ok(()) => {
                 let Some(last) = events.last().map(|e| e.seq) else {
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result);
-                    }
+                    answers.into_iter().for_each(Answer::send);
                     return true;
                 };
                 self.wake_local.notify_one();
@@ -179,9 +198,7 @@ impl Engine for Writer {
                     let _ =
                         tokio::time::timeout(PUBLISH_WAIT, published.wait_for(|seq| *seq >= last))
                             .await;
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result);
-                    }
+                    answers.into_iter().for_each(Answer::send);
                     drop(permits);
                 });
                 true
@@ -193,7 +210,7 @@ impl Engine for Writer {
                 } else {
                     tracing::error!(error = %e, "batch failed; it is rolled back");
                 }
-                batch::fail_all(replies, || match &e {
+                let failed = batch::failing_all(answers, || match &e {
                     Error::Unavailable(m) if attempted => Error::Unavailable(format!(
                         "{m}; nothing of this request was applied, or it was committed just as the connection broke: read before retrying a create"
                     )),
@@ -204,6 +221,7 @@ impl Engine for Writer {
                             .into(),
                     ),
                 });
+                failed.into_iter().for_each(Answer::send);
                 false
             }
         }

@@ -93,10 +93,13 @@ fn read_in_snapshot(
     max_bytes: usize,
 ) -> Result<EventPage> {
     let counters = conn
-        .prepare_cached(super::COUNTERS_SQL)?
+        .prepare_cached(crate::store::COUNTERS_SQL)?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
-    let (head, pruned_through) = super::head_and_pruned(&counters)?;
+    let crate::store::Counters {
+        last_seq: head,
+        pruned_through,
+    } = crate::store::Counters::from_rows(&counters)?;
 
     // One statement per key count, kept prepared. (Not padded to a few
     // sizes: with one key, `IN (?)` is an equality and the key index gives

@@ -7,12 +7,12 @@ mod log;
 mod reader;
 mod writer;
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
+use futures_util::future::BoxFuture;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, Retention};
 use super::{
-    ChangesPage, Durability, EventPage, StoreOptions, database_from_row, parse_stored_rev,
-    supervise, to_i64, to_u64,
+    COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, Durability, EventPage, EventQuery, ReadPath,
+    StoreOptions, TakeChange, database_from_row, parse_stored_rev, supervise, to_i64, to_u64,
 };
-use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result, SyncKey};
+use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result};
 use writer::{WalBound, Writer};
 
 /// Rows a read connection computes ahead of the task consuming them.
@@ -75,7 +75,10 @@ pub(super) async fn open(
     sqlx::migrate!("./migrations/sqlite")
         .run_direct(&mut setup_conn)
         .await?;
-    let (last_seq, pruned_through) = read_counters(&mut setup_conn).await?;
+    let Counters {
+        last_seq,
+        pruned_through,
+    } = read_counters(&mut setup_conn).await?;
     sqlx::Connection::close(setup_conn).await?;
     let write_conn = writer::open_connection(path, options.durability)?;
 
@@ -134,7 +137,7 @@ pub(super) async fn open(
     ];
     let (_, reachable) = tokio::sync::watch::channel(true);
     Ok(super::Opened {
-        reads: super::Reads::Sqlite(Reads {
+        reads: Box::new(Reads {
             reader,
             scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
             gets,
@@ -146,10 +149,6 @@ pub(super) async fn open(
 }
 
 impl Reads {
-    pub(super) async fn close(&self) {
-        self.reader.close().await;
-    }
-
     /// A scan permit and a read connection in a read transaction.
     async fn scan(
         &self,
@@ -165,9 +164,8 @@ impl Reads {
         Ok((permit, self.reader.begin().await?))
     }
 
-    /// The highest committed seq.
     /// The highest committed seq, and the seq the log is pruned through.
-    pub(super) async fn counters(&self) -> Result<(u64, u64)> {
+    pub(super) async fn counters(&self) -> Result<Counters> {
         let (_permit, mut tx) = self.scan().await?;
         let counters = read_counters(&mut tx).await?;
         tx.commit().await?;
@@ -180,11 +178,13 @@ impl Reads {
     /// rows are streamed, so a page never sits in memory twice.
     pub(super) async fn changes(
         &self,
-        database: &DbName,
-        since: u64,
-        limit: u32,
-        include_docs: bool,
-        mut take: impl FnMut(Change) -> Result<ControlFlow<()>>,
+        ChangesQuery {
+            database,
+            since,
+            limit,
+            include_docs,
+        }: ChangesQuery<'_>,
+        take: &mut TakeChange<'_>,
     ) -> Result<ChangesPage> {
         let (_permit, mut conn) = self.scan().await?;
         let (db_id, created_seq): (i64, i64) =
@@ -226,13 +226,13 @@ impl Reads {
     /// Reads up to `limit` logged events with seq > `after` for `keys`, and
     /// no more than `max_bytes` of them (`Event::approx_bytes`; at least one
     /// event), with the head and retention as of the same snapshot.
-    pub(super) async fn read_events(
-        &self,
-        keys: &[SyncKey],
-        after: u64,
-        limit: u32,
-        max_bytes: usize,
-    ) -> Result<EventPage> {
+    pub(super) async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
+        let EventQuery {
+            keys,
+            after,
+            limit,
+            max_bytes,
+        } = query;
         let _permit = self
             .scans
             .acquire()
@@ -266,6 +266,36 @@ impl Reads {
         let closing = || Error::Unavailable("the server is shutting down".into());
         self.gets.send(request).await.map_err(|_| closing())?;
         rx.await.map_err(|_| closing())?
+    }
+}
+
+impl ReadPath for Reads {
+    fn get<'a>(&'a self, database: &'a DbName, id: &'a DocId) -> BoxFuture<'a, Result<Document>> {
+        Box::pin(Reads::get(self, database, id))
+    }
+
+    fn changes<'a>(
+        &'a self,
+        query: ChangesQuery<'a>,
+        take: &'a mut TakeChange<'a>,
+    ) -> BoxFuture<'a, Result<ChangesPage>> {
+        Box::pin(Reads::changes(self, query, take))
+    }
+
+    fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
+        Box::pin(Reads::list_databases(self))
+    }
+
+    fn counters(&self) -> BoxFuture<'_, Result<Counters>> {
+        Box::pin(Reads::counters(self))
+    }
+
+    fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>> {
+        Box::pin(Reads::read_events(self, query))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.reader.close())
     }
 }
 
@@ -318,23 +348,7 @@ async fn checkpointer(
     Ok(())
 }
 
-async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<(u64, u64)> {
+async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<Counters> {
     let rows: Vec<(String, i64)> = sqlx::query_as(COUNTERS_SQL).fetch_all(&mut *conn).await?;
-    head_and_pruned(&rows)
-}
-
-/// Reads the `counters` rows `head_and_pruned` takes.
-const COUNTERS_SQL: &str =
-    "SELECT name, value FROM counters WHERE name IN ('last_seq', 'pruned_through')";
-
-/// The highest committed seq and the seq the log is pruned through, from
-/// the rows of `COUNTERS_SQL`.
-fn head_and_pruned(rows: &[(String, i64)]) -> Result<(u64, u64)> {
-    let get = |name: &str| {
-        rows.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| to_u64(*v))
-            .ok_or_else(|| Error::Storage(format!("counter {name} is missing").into()))
-    };
-    Ok((get("last_seq")?, get("pruned_through")?))
+    Counters::from_rows(&rows)
 }

@@ -24,7 +24,7 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::super::batch::{
-    self, Current, DbRow, Engine, Outcome, Queued, Reply, Retention, State, Tail, Tx, aliases_json,
+    self, Answer, Current, DbRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
     attributes_json,
 };
 use super::super::{Durability, Publisher, parse_stored_rev, to_i64, to_u64};
@@ -105,7 +105,7 @@ pub(super) struct Writer {
 /// What a batch hands to `deliver`: its events to publish, then the answers.
 pub(super) struct Delivery {
     events: Vec<Event>,
-    answers: Vec<(Reply, Result<Outcome>)>,
+    answers: Vec<Answer>,
     /// Given back once the requests are answered.
     permits: Vec<Option<OwnedSemaphorePermit>>,
     /// Answered once everything before it was delivered (at close).
@@ -132,10 +132,8 @@ pub(super) async fn deliver(mut rx: mpsc::Receiver<Delivery>, publish: Publisher
         if !delivery.events.is_empty() {
             publish.publish(&delivery.events);
         }
-        // A caller that went away (cancelled RPC) no longer needs the
-        // reply; the write is committed either way.
-        for (reply, result) in delivery.answers {
-            let _ = reply.send(result);
+        for answer in delivery.answers {
+            answer.send();
         }
         drop(delivery.permits);
         if let Some(flushed) = delivery.flushed {
@@ -239,13 +237,14 @@ impl Writer {
 
 impl Engine for Writer {
     async fn commit(&mut self, queued: Vec<Queued>) -> bool {
-        let (ops, replies, permits) = batch::unzip(queued);
+        let (ops, permits) = batch::unzip(queued);
         let before = (
             self.state.last_seq,
             self.state.last_db_id,
             self.state.retention,
         );
         let mut events = Vec::new();
+        let mut answers = Vec::with_capacity(ops.len());
         let started = std::time::Instant::now();
         // The statements run on this thread and return at once: `apply`
         // never waits, it is async only because the trait is shared with
@@ -255,33 +254,45 @@ impl Engine for Writer {
             .prepare_cached("BEGIN")
             .and_then(|mut s| s.execute([]))
         {
-            Ok(_) => batch::apply(&mut self.conn, &mut self.state, ops, &mut events).await,
-            Err(e) => Err(e.into()),
+            Ok(_) => {
+                batch::apply(
+                    &mut self.conn,
+                    &mut self.state,
+                    ops,
+                    &mut events,
+                    &mut answers,
+                )
+                .await
+            }
+            Err(e) => {
+                answers.extend(
+                    ops.into_iter()
+                        .map(|op| op.failed(Error::Storage("the batch failed".into()))),
+                );
+                Err(e.into())
+            }
         };
         let took = started.elapsed();
         if took > Duration::from_millis(500) {
             tracing::warn!(
                 ?took,
-                requests = replies.len(),
+                requests = answers.len(),
                 "a batch took long to commit"
             );
         }
-        let (committed, answers) = match outcome {
-            Ok(results) => (true, replies.into_iter().zip(results).collect()),
+        let committed = match outcome {
+            Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "batch failed; it is rolled back");
                 self.restore(before.0, before.1, before.2);
                 events.clear();
-                let failed = || {
-                    Err(Error::Storage(
+                answers = batch::failing_all(answers, || {
+                    Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
                             .into(),
-                    ))
-                };
-                (
-                    false,
-                    replies.into_iter().map(|reply| (reply, failed())).collect(),
-                )
+                    )
+                });
+                false
             }
         };
         hand_over(
@@ -524,7 +535,7 @@ mod tests {
 
     use super::*;
     use crate::domain::{DocChange, DocWrite};
-    use crate::store::batch::{Op, Outcome};
+    use crate::store::batch::Op;
 
     async fn writer(dir: &std::path::Path) -> Writer {
         let path = dir.join("agsync.db");
@@ -562,26 +573,22 @@ mod tests {
         Writer::new(conn, 0, retention, wal, deliveries).unwrap()
     }
 
-    /// Commits `ops` as one batch; returns each op's outcome.
-    async fn batch(w: &mut Writer, ops: Vec<Op>) -> Vec<Result<Outcome>> {
+    /// Commits `ops` as one batch.
+    async fn batch(w: &mut Writer, ops: Vec<Op>) {
         let budget = Arc::new(Semaphore::new(1 << 20));
-        let mut waiting = Vec::new();
-        let mut queued = Vec::new();
-        for op in ops {
-            let (reply, rx) = oneshot::channel();
-            let permit = budget.clone().try_acquire_owned().ok();
-            queued.push((op, reply, permit));
-            waiting.push(rx);
-        }
+        let queued = ops
+            .into_iter()
+            .map(|op| Queued {
+                op,
+                permit: budget.clone().try_acquire_owned().ok(),
+            })
+            .collect();
         assert!(w.commit(queued).await);
-        let mut outcomes = Vec::new();
-        for rx in waiting {
-            outcomes.push(rx.await.unwrap());
-        }
-        outcomes
     }
 
-    fn put(db: &str, id: &str) -> Op {
+    type Written = oneshot::Receiver<Result<Vec<Result<crate::domain::WriteOutcome>>>>;
+
+    fn put(db: &str, id: &str) -> (Op, Written) {
         let body = Body::parse(
             "body",
             serde_json::Map::new(),
@@ -591,7 +598,8 @@ mod tests {
             },
         )
         .unwrap();
-        Op::Write {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Write {
             database: DbName::parse("db", db).unwrap(),
             writes: vec![DocWrite {
                 id: DocId::parse("id", id).unwrap(),
@@ -599,7 +607,15 @@ mod tests {
                 change: DocChange::Put(body),
                 aliases: vec![],
             }],
-        }
+            reply,
+        };
+        (op, rx)
+    }
+
+    /// The seq of the one write `rx` answers.
+    async fn seq(rx: Written) -> u64 {
+        let mut results = rx.await.unwrap().unwrap();
+        results.pop().unwrap().unwrap().seq
     }
 
     fn name(db: &str) -> DbName {
@@ -613,31 +629,38 @@ mod tests {
     async fn a_database_deleted_and_created_again_in_one_batch_starts_empty() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer(dir.path()).await;
-        let create = || Op::CreateDatabase {
-            name: name("cars"),
-            sync_key: SyncKey::parse("k", "cars").unwrap(),
+        let create = || {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::CreateDatabase {
+                name: name("cars"),
+                sync_key: SyncKey::parse("k", "cars").unwrap(),
+                reply,
+            };
+            (op, rx)
         };
-        batch(&mut w, vec![create()]).await;
+        batch(&mut w, vec![create().0]).await;
         let old_id = w.state.databases[&name("cars")].id;
-        let outcomes = batch(
+        let (put_x, x) = put("cars", "x");
+        let (deleted_tx, deleted) = oneshot::channel();
+        let (create_again, created) = create();
+        let (put_y, y) = put("cars", "y");
+        batch(
             &mut w,
             vec![
-                put("cars", "x"),
-                Op::DeleteDatabase { name: name("cars") },
-                create(),
-                put("cars", "y"),
+                put_x,
+                Op::DeleteDatabase {
+                    name: name("cars"),
+                    reply: deleted_tx,
+                },
+                create_again,
+                put_y,
             ],
         )
         .await;
-        let mut outcomes = outcomes.into_iter();
-        assert!(
-            matches!(outcomes.next(), Some(Ok(Outcome::Written(r))) if r[0].as_ref().unwrap().seq == 1)
-        );
-        assert!(matches!(outcomes.next(), Some(Ok(Outcome::Deleted(2)))));
-        assert!(matches!(outcomes.next(), Some(Ok(Outcome::Database(db))) if db.created_seq == 2));
-        assert!(
-            matches!(outcomes.next(), Some(Ok(Outcome::Written(r))) if r[0].as_ref().unwrap().seq == 3)
-        );
+        assert_eq!(seq(x).await, 1);
+        assert_eq!(deleted.await.unwrap().unwrap(), 2);
+        assert_eq!(created.await.unwrap().unwrap().created_seq, 2);
+        assert_eq!(seq(y).await, 3);
 
         let (id, doc_count, update_seq, created_seq): (i64, i64, i64, i64) = w
             .conn
