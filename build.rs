@@ -20,8 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // prost's codec with smaller buffers (see src/codec.rs).
-        .codec_path("crate::codec::Codec")
+        // prost's codec with smaller buffers (see src/api/codec.rs).
+        .codec_path("crate::api::codec::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

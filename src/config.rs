@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::domain::BodyLimits;
 use crate::hub::SubscriberLimits;
-use crate::store::StoreOptions;
+use crate::store::{Location, StoreOptions};
 
 /// How hard a commit works to reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,8 +69,14 @@ pub struct Config {
     /// created if missing; one process serves it. A `postgres://` (or
     /// `postgresql://`) URL: a PostgreSQL database, which several agsync
     /// nodes may share (see the README's "Run several nodes").
-    #[arg(long, env = "AGSYNC_DB", default_value = "./agsync.db")]
-    pub db: PathBuf,
+    #[arg(
+        long,
+        env = "AGSYNC_DB",
+        default_value = "./agsync.db",
+        value_name = "PATH|URL",
+        value_parser = parse_location
+    )]
+    pub db: Location,
 
     /// PostgreSQL only: connections each node opens for requests and its
     /// writer; a node opens at most this plus 2 (the LISTEN connection and
@@ -233,7 +239,7 @@ pub struct Config {
     /// origins, or give `*` for any. Default: none, so no page of another
     /// origin can call agsync. gRPC-Web itself is always served, on the same
     /// port as gRPC; see the README's "From a browser".
-    #[arg(long = "cors-allow-origin", value_name = "ORIGIN", value_parser = crate::web::parse_origin)]
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN", value_parser = crate::api::web::parse_origin)]
     pub cors_allow_origin: Vec<String>,
 
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
@@ -278,30 +284,25 @@ fn parse_millis(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a whole number of milliseconds"))
 }
 
+/// `--db`: a file or a URL, told apart here, at the edge.
+fn parse_location(text: &str) -> Result<Location, String> {
+    if text.is_empty() {
+        return Err("give a SQLite file's path or a postgres:// URL".into());
+    }
+    Ok(Location::parse(text))
+}
+
 impl Config {
     /// Where the data lives, for logs: a PostgreSQL URL without its
     /// password.
     pub fn db_for_logs(&self) -> String {
-        match crate::store::Location::parse(&self.db) {
-            crate::store::Location::Sqlite(path) => path.display().to_string(),
-            crate::store::Location::Postgres(url) => match url.split_once('@') {
-                Some((credentials, rest)) => {
-                    let scheme_end = credentials.find("://").map_or(0, |i| i + 3);
-                    let user = credentials[scheme_end..]
-                        .split(':')
-                        .next()
-                        .unwrap_or_default();
-                    format!("{}{user}@{rest}", &credentials[..scheme_end])
-                }
-                None => url,
-            },
-        }
+        self.db.for_logs()
     }
 
     /// The defaults, for `path` and an ephemeral loopback port (tests, examples).
     pub fn for_path(path: impl Into<PathBuf>) -> Config {
         let mut config = <Cli as clap::Parser>::parse_from(["agsync"]).config;
-        config.db = path.into();
+        config.db = Location::from(path.into());
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config
     }
@@ -327,7 +328,7 @@ impl Config {
 
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
-            location: crate::store::Location::parse(&self.db),
+            location: self.db.clone(),
             durability: match self.durability {
                 Durability::Full => crate::store::Durability::Full,
                 Durability::Normal => crate::store::Durability::Normal,

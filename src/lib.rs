@@ -6,30 +6,33 @@
 //! - [`config`]: command-line flags and the limits they set.
 //! - [`domain`]: validated names, revisions, bodies and the one [`Error`]
 //!   type; pure logic, no I/O.
-//! - [`store`]: SQLite through sqlx: a read pool and the single writer task
-//!   (group commit). All SQL lives there.
+//! - [`store`]: durable storage behind one interface (`Store`), on SQLite
+//!   (the embedded default: a read pool, and the single writer on a thread
+//!   of its own, group commit) or PostgreSQL (several nodes). All SQL lives
+//!   there.
 //! - [`hub`]: fan-out of committed events to live subscribers, and each
 //!   subscriber's replay and catch-up from the durable log.
-//! - [`api`]: the gRPC service; the only code that sees tonic/prost, and the
-//!   one place an [`Error`] becomes a `tonic::Status`. Its `guard` is the
-//!   gate every call passes first: authentication, access rules, budgets.
+//! - [`api`]: the gRPC service; with [`server`]'s wiring, the only code that
+//!   sees tonic/prost, and the one place an [`Error`] becomes a
+//!   `tonic::Status`. Its `guard` is the gate every call passes first
+//!   (authentication, access rules, budgets), `calls` measures and logs
+//!   every call, `web` serves gRPC-Web and CORS, `codec` is the generated
+//!   code's codec.
 //! - [`auth`]: bearer tokens (hashed in the `--auth` file), grants, and
 //!   the live configuration that `SIGHUP` reloads.
 //! - [`server`]: wiring, health, reflection, keepalive and shutdown.
-//! - [`telemetry`]: Prometheus metrics and the per-request log.
-//! - [`web`]: gRPC-Web on the same port, and CORS for allowed web origins.
+//! - [`telemetry`]: the metric names, the Prometheus recorder and the
+//!   `/metrics` endpoint.
 //! - [`pb`]: code generated from `proto/agsync/v1/sync.proto`.
 
 pub mod api;
 pub mod auth;
-pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod hub;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod web;
 
 pub use domain::Error;
 

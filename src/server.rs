@@ -148,14 +148,14 @@ pub async fn run(
             .map_err(|e| Error::Config(format!("invalid TLS configuration: {e}")))?;
     }
     // gRPC-Web (HTTP/1.1 too) for browsers on the same port; see `web`.
-    let origins = crate::web::Origins::from_flags(&config.cors_allow_origin);
+    let origins = crate::api::web::Origins::from_flags(&config.cors_allow_origin);
     let serve = builder
         .accept_http1(true)
-        .layer(crate::web::OriginGateLayer::new(origins.clone()))
+        .layer(crate::api::web::OriginGateLayer::new(origins.clone()))
         .layer(tower::util::option_layer(origins.cors()))
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(crate::web::TrailersFrameLayer)
-        .layer(crate::telemetry::GrpcLayer::new(
+        .layer(crate::api::web::TrailersFrameLayer)
+        .layer(crate::api::calls::GrpcLayer::new(
             &[
                 crate::pb::FILE_DESCRIPTOR_SET,
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -163,9 +163,6 @@ pub async fn run(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ],
             config.slow_request_ms,
-        ))
-        .layer(tower::util::MapResponseLayer::new(
-            transport_status::standard_codes,
         ))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -338,45 +335,6 @@ fn load_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>
     Ok(Some(
         tonic::transport::ServerTlsConfig::new().identity(identity),
     ))
-}
-
-/// tonic answers two transport failures with codes the gRPC spec does not
-/// use for them: a message over the size limit (OUT_OF_RANGE; the spec says
-/// RESOURCE_EXHAUSTED) and a request that does not decode, e.g. a body nested
-/// past protobuf's recursion limit (INTERNAL; it is the caller's input, so
-/// INVALID_ARGUMENT). Both come back as trailers-only responses, whose status
-/// is in the headers; this rewrites just those two.
-mod transport_status {
-    use tonic::codegen::http::Response;
-    use tonic::{Code, Status};
-
-    const TOO_LARGE: &str = "Error, decoded message length too large";
-    const UNDECODABLE: &str = "failed to decode Protobuf message";
-
-    pub fn standard_codes<B>(mut response: Response<B>) -> Response<B> {
-        // tonic keeps the Status of a trailers-only response in its extensions.
-        let Some(status) = response.extensions().get::<Status>() else {
-            return response;
-        };
-        let message = status.message();
-        let fixed = match status.code() {
-            Code::OutOfRange if message.starts_with(TOO_LARGE) => Status::resource_exhausted(
-                format!("the request is too large (--max-request-bytes): {message}"),
-            ),
-            Code::Internal if message.starts_with(UNDECODABLE) => {
-                Status::invalid_argument(format!(
-                    "the request is not a valid protobuf message, or nests deeper than protobuf decoding allows (about 33 levels of JSON objects): {message}"
-                ))
-            }
-            _ => return response,
-        };
-        let headers = response.headers_mut();
-        headers.remove(Status::GRPC_MESSAGE);
-        if fixed.add_header(headers).is_ok() {
-            response.extensions_mut().insert(fixed);
-        }
-        response
-    }
 }
 
 /// Sets the health of agsync's service and of the server as a whole (the

@@ -116,7 +116,7 @@ impl<S> Guard<S> {
         };
         if let Some(slot) = request
             .extensions()
-            .get::<crate::telemetry::PrincipalSlot>()
+            .get::<crate::api::calls::PrincipalSlot>()
         {
             slot.set(principal.limit_key());
         }
@@ -231,9 +231,10 @@ impl http_body::Body for Holding {
     }
 }
 
-/// Reads the 5-byte gRPC message header; a message over `LARGE_MESSAGE`
-/// takes its size in `large` permits before the rest is read, or is refused.
-/// A message over `max_request` takes nothing: tonic refuses it unread.
+/// Reads the 5-byte gRPC message header; a message over `max_request` is
+/// refused unread (RESOURCE_EXHAUSTED, as the gRPC spec says for a message
+/// over the size limit); one over `LARGE_MESSAGE` takes its size in `large`
+/// permits before the rest is read, or is refused.
 /// Returns the body with what was read put back in front.
 async fn admit_message(
     mut body: Body,
@@ -263,8 +264,12 @@ async fn admit_message(
         [_, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
         _ => 0,
     };
-    let decodable = usize::try_from(length).is_ok_and(|l| l <= max_request);
-    let permit = if length > LARGE_MESSAGE && decodable {
+    if usize::try_from(length).map_or(true, |l| l > max_request) {
+        return Err(Error::Exhausted(format!(
+            "the request is too large (--max-request-bytes): its message is {length} bytes; the limit is: {max_request} bytes"
+        )));
+    }
+    let permit = if length > LARGE_MESSAGE {
         // Refused, not queued: a request waiting here would keep its unread
         // bytes in the connection's HTTP/2 window, and enough of them would
         // stall the admitted requests on the same connection for ever. A

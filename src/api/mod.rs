@@ -2,9 +2,12 @@
 //! Handlers validate requests into domain types (`parse`), call the store,
 //! and convert results back; errors become statuses in `status` only.
 
+pub mod calls;
+pub mod codec;
 mod convert;
 pub mod guard;
 pub mod status;
+pub mod web;
 
 use std::sync::Arc;
 

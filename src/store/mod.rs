@@ -7,6 +7,7 @@
 
 mod batch;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -118,6 +119,41 @@ trait ReadPath: Send + Sync {
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
+/// The `ReadPath` methods every backend implements as its `Reads`'
+/// inherent async methods of the same names, boxed (written once here).
+macro_rules! read_path_delegates {
+    () => {
+        fn get<'a>(
+            &'a self,
+            database: &'a DbName,
+            id: &'a DocId,
+        ) -> BoxFuture<'a, Result<Document>> {
+            Box::pin(Reads::get(self, database, id))
+        }
+
+        fn changes<'a>(
+            &'a self,
+            query: ChangesQuery<'a>,
+            take: &'a mut TakeChange<'a>,
+        ) -> BoxFuture<'a, Result<ChangesPage>> {
+            Box::pin(Reads::changes(self, query, take))
+        }
+
+        fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
+            Box::pin(Reads::list_databases(self))
+        }
+
+        fn counters(&self) -> BoxFuture<'_, Result<Counters>> {
+            Box::pin(Reads::counters(self))
+        }
+
+        fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>> {
+            Box::pin(Reads::read_events(self, query))
+        }
+    };
+}
+use read_path_delegates;
+
 /// A page of the event log, read in one snapshot.
 #[derive(Debug)]
 pub struct EventPage {
@@ -151,18 +187,55 @@ pub enum Location {
 impl Location {
     /// `postgres://…` and `postgresql://…` are PostgreSQL; `sqlite:PATH`,
     /// `sqlite://PATH` and anything else is a SQLite file.
-    pub fn parse(db: &std::path::Path) -> Location {
-        let text = db.to_string_lossy();
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            return Location::Postgres(text.into_owned());
+    pub fn parse(db: &str) -> Location {
+        if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            return Location::Postgres(db.to_owned());
         }
-        match text
+        let path = db
             .strip_prefix("sqlite://")
-            .or_else(|| text.strip_prefix("sqlite:"))
-        {
-            Some(path) => Location::Sqlite(PathBuf::from(path)),
-            None => Location::Sqlite(db.to_path_buf()),
+            .or_else(|| db.strip_prefix("sqlite:"))
+            .unwrap_or(db);
+        Location::Sqlite(PathBuf::from(path))
+    }
+
+    /// The SQLite file, if the data is in one.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Location::Sqlite(path) => Some(path),
+            Location::Postgres(_) => None,
         }
+    }
+
+    /// Where the data lives, for logs: a PostgreSQL URL without its
+    /// password.
+    pub fn for_logs(&self) -> String {
+        match self {
+            Location::Sqlite(path) => path.display().to_string(),
+            Location::Postgres(url) => match url.split_once('@') {
+                Some((credentials, rest)) => {
+                    let scheme_end = credentials.find("://").map_or(0, |i| i + 3);
+                    let user = credentials[scheme_end..]
+                        .split(':')
+                        .next()
+                        .unwrap_or_default();
+                    format!("{}{user}@{rest}", &credentials[..scheme_end])
+                }
+                None => url.clone(),
+            },
+        }
+    }
+}
+
+/// A path is parsed like the flag's text (a path may hold a URL).
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Self {
+        Location::parse(&path.to_string_lossy())
+    }
+}
+
+impl From<String> for Location {
+    fn from(text: String) -> Self {
+        Location::parse(&text)
     }
 }
 
@@ -505,85 +578,6 @@ async fn on_own_thread(
     outcome
         .await
         .unwrap_or_else(|_| Err(Error::Storage(format!("the {name} thread panicked").into())))
-}
-
-/// Decodes a stored event row (both backends use the same columns).
-fn event_from_row<R>(row: &R) -> Result<Event>
-where
-    R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    StoredEvent {
-        seq: row.try_get("seq")?,
-        sync_key: row.try_get("sync_key")?,
-        database: row.try_get("database")?,
-        doc_id: row.try_get("doc_id")?,
-        rev: row.try_get("rev")?,
-        deleted: row.try_get("deleted")?,
-        aliases: row.try_get("aliases")?,
-        attributes: row.try_get("attributes")?,
-    }
-    .parse()
-}
-
-/// The columns of a stored event, as both backends' rows give them.
-struct StoredEvent<'r> {
-    seq: i64,
-    sync_key: &'r str,
-    database: &'r str,
-    doc_id: &'r str,
-    rev: &'r str,
-    deleted: bool,
-    aliases: &'r str,
-    attributes: &'r str,
-}
-
-impl StoredEvent<'_> {
-    fn parse(self) -> Result<Event> {
-        let aliases: Vec<String> =
-            serde_json::from_str(self.aliases).map_err(|e| Error::Storage(Box::new(e)))?;
-        let attributes: BTreeMap<String, String> =
-            serde_json::from_str(self.attributes).map_err(|e| Error::Storage(Box::new(e)))?;
-        // '' stands for "none" in these columns.
-        Ok(Event {
-            seq: to_u64(self.seq),
-            sync_key: SyncKey::parse("stored sync_key", self.sync_key)?,
-            database: (!self.database.is_empty())
-                .then(|| DbName::parse("stored database", self.database))
-                .transpose()?,
-            id: (!self.doc_id.is_empty())
-                .then(|| DocId::parse("stored id", self.doc_id))
-                .transpose()?,
-            rev: (!self.rev.is_empty())
-                .then(|| parse_stored_rev(self.rev))
-                .transpose()?,
-            deleted: self.deleted,
-            aliases: Alias::parse_list("stored aliases", &aliases)?,
-            attributes,
-        })
-    }
-}
-
-/// Decodes a stored database row.
-fn database_from_row<R>(row: &R) -> Result<DatabaseInfo>
-where
-    R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let name: &str = row.try_get("name")?;
-    let sync_key: &str = row.try_get("sync_key")?;
-    Ok(DatabaseInfo {
-        name: DbName::parse("stored name", name)?,
-        sync_key: SyncKey::parse("stored sync_key", sync_key)?,
-        doc_count: to_u64(row.try_get("doc_count")?),
-        update_seq: to_u64(row.try_get("update_seq")?),
-        created_seq: to_u64(row.try_get("created_seq")?),
-    })
 }
 
 /// Reads the `counters` rows [`Counters::from_rows`] takes (both backends).

@@ -41,8 +41,10 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::for_path(dir.path().join("agsync.db"));
         configure(&mut config);
-        if crate::POSTGRES {
-            config.db = crate::pg::url_for(&config.db).await.into();
+        if crate::POSTGRES
+            && let Some(path) = config.db.sqlite_path()
+        {
+            config.db = crate::pg::url_for(path).await.into();
         }
         let (addr, shutdown, task) = spawn(config.clone()).await;
         TestServer {
@@ -85,7 +87,11 @@ impl TestServer {
 
     /// The server's database file.
     pub fn db_path(&self) -> std::path::PathBuf {
-        self.config.db.clone()
+        self.config
+            .db
+            .sqlite_path()
+            .expect("a SQLite server")
+            .to_path_buf()
     }
 
     /// Asks the server to shut down, without waiting.

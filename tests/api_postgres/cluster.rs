@@ -24,7 +24,7 @@ async fn two_nodes() -> (TestServer, TestServer, tempfile::TempDir) {
     let node = || {
         let path = path.clone();
         TestServer::start_with(move |c| {
-            c.db = path;
+            c.db = path.into();
             c.pg_poll_interval_ms = Duration::from_millis(50);
         })
     };

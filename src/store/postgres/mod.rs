@@ -30,16 +30,16 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 
 use super::batch::Retention;
+use super::rows;
 use super::{
     COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
-    StoreOptions, TakeChange, database_from_row, event_from_row, parse_stored_rev, supervise,
-    to_i64, to_u64,
+    StoreOptions, TakeChange, supervise, to_i64,
 };
-use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result};
+use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Result};
 use crate::telemetry::PG_POOL_CONNECTIONS;
 
 /// The channel of the wake-up hint.
@@ -241,34 +241,16 @@ pub(super) async fn open(
 }
 
 async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<Counters> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(COUNTERS_SQL).fetch_all(conn).await?;
-    Counters::from_rows(&rows)
+    let found = sqlx::query(COUNTERS_SQL).fetch_all(conn).await?;
+    let pairs = found
+        .iter()
+        .map(rows::counter)
+        .collect::<Result<Vec<_>>>()?;
+    Counters::from_rows(&pairs)
 }
 
 impl ReadPath for Reads {
-    fn get<'a>(&'a self, database: &'a DbName, id: &'a DocId) -> BoxFuture<'a, Result<Document>> {
-        Box::pin(Reads::get(self, database, id))
-    }
-
-    fn changes<'a>(
-        &'a self,
-        query: ChangesQuery<'a>,
-        take: &'a mut TakeChange<'a>,
-    ) -> BoxFuture<'a, Result<ChangesPage>> {
-        Box::pin(Reads::changes(self, query, take))
-    }
-
-    fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
-        Box::pin(Reads::list_databases(self))
-    }
-
-    fn counters(&self) -> BoxFuture<'_, Result<Counters>> {
-        Box::pin(Reads::counters(self))
-    }
-
-    fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>> {
-        Box::pin(Reads::read_events(self, query))
-    }
+    super::read_path_delegates!();
 
     /// The pool's connections in use and idle.
     fn observe(&self) {
@@ -312,12 +294,12 @@ impl Reads {
     ) -> Result<ChangesPage> {
         self.link.guard(async move {
             let mut tx = self.snapshot().await?;
-            let (db_id, created_seq): (i64, i64) =
-                sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = $1")
-                    .bind(database.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+            let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
+                .bind(database.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+            let (db_id, created_seq) = rows::instance(&found)?;
             {
                 let mut rows = sqlx::query(
                     "SELECT id, rev, seq, deleted, CASE WHEN $4 AND NOT deleted THEN body END AS body
@@ -329,22 +311,14 @@ impl Reads {
                 .bind(include_docs)
                 .fetch(&mut *tx);
                 while let Some(row) = rows.try_next().await? {
-                    let body: Option<&str> = row.try_get("body")?;
-                    let change = Change {
-                        id: DocId::parse("stored id", row.try_get("id")?)?,
-                        rev: parse_stored_rev(row.try_get("rev")?)?,
-                        seq: to_u64(row.try_get("seq")?),
-                        deleted: row.try_get("deleted")?,
-                        body: body.map(Body::from_canonical_json).transpose()?,
-                    };
-                    if take(change)?.is_break() {
+                    if take(rows::change(&row)?)?.is_break() {
                         break;
                     }
                 }
             }
             tx.commit().await?;
             Ok(ChangesPage {
-                created_seq: to_u64(created_seq),
+                created_seq,
             })
         })
         .await
@@ -377,7 +351,7 @@ impl Reads {
                     .fetch(&mut *tx);
                     let mut bytes = 0;
                     while let Some(row) = rows.try_next().await? {
-                        let event = event_from_row(&row)?;
+                        let event = rows::event(&row)?;
                         bytes += event.approx_bytes();
                         events.push(event);
                         if bytes >= max_bytes {
@@ -402,7 +376,7 @@ impl Reads {
             )
             .fetch_all(&self.pool)
             .await?;
-            rows.iter().map(database_from_row).collect()
+            rows.iter().map(rows::database).collect()
         })
         .await
     }
@@ -417,21 +391,13 @@ impl Reads {
                 .bind(database.as_str())
                 .bind(id.as_str())
                 .fetch_optional(&self.pool)
-                .await?
-                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-                let rev: Option<&str> = row.try_get("rev")?;
-                let deleted: Option<bool> = row.try_get("deleted")?;
-                match (rev, deleted) {
-                    (Some(rev), Some(false)) => Ok(Document {
-                        id: id.clone(),
-                        rev: parse_stored_rev(rev)?,
-                        body: Body::from_canonical_json(row.try_get("body")?)?,
-                        seq: to_u64(row.try_get("seq")?),
-                    }),
-                    _ => Err(Error::DocumentNotFound {
-                        database: database.to_string(),
-                        id: id.to_string(),
-                    }),
+                .await?;
+                match row
+                    .map(|row| rows::lookup(database, id, &row))
+                    .transpose()?
+                {
+                    Some(Some(found)) => found,
+                    _ => Err(Error::DatabaseNotFound(database.to_string())),
                 }
             })
             .await

@@ -16,9 +16,8 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use sqlx::Row;
-
-use super::super::{Publisher, event_from_row, to_i64, to_u64};
+use super::super::rows::{self, Columns};
+use super::super::{Publisher, to_i64, to_u64};
 use super::{CHANNEL, Link};
 use crate::domain::{Error, Result};
 
@@ -115,13 +114,13 @@ impl Tailer {
         .fetch_all(&mut *conn)
         .await?;
         let pruned_through = match rows.first() {
-            Some(row) => to_u64(row.try_get::<i64, _>("pruned_through")?),
+            Some(row) => to_u64(row.int("pruned_through")?),
             None => return Err(Error::Storage("counter pruned_through is missing".into())),
         };
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
-            if row.try_get::<Option<i64>, _>("seq")?.is_some() {
-                events.push(event_from_row(row)?);
+            if row.opt_int("seq")?.is_some() {
+                events.push(rows::event(row)?);
             }
         }
         let full = events.len() as i64 == PAGE;

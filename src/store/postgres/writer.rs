@@ -18,17 +18,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::{Connection, Row};
 use tokio::sync::{Notify, watch};
 
 use super::super::batch::{
-    self, Answer, Current, DbRow, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
+    self, Answer, Current, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
     attributes_json,
 };
-use super::super::{parse_stored_rev, to_i64, to_u64};
+use super::super::{rows, to_i64, to_u64};
 use super::Link;
-use crate::domain::{Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey};
+use crate::domain::{DatabaseInfo, DocId, Document, Error, Event, Result};
 
 /// How long replies wait for the tailer before they are sent anyway (the
 /// write is committed; its notification follows when the tailer catches up).
@@ -103,10 +103,12 @@ impl Writer {
 /// Takes the global write lock and reads what the batch starts from: the
 /// counters and the databases its ops name.
 async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) -> Result<State> {
-    let counters: Vec<(String, i64)> =
-        sqlx::query_as("SELECT name, value FROM counters ORDER BY name FOR UPDATE")
-            .fetch_all(&mut *conn)
-            .await?;
+    let counters = sqlx::query("SELECT name, value FROM counters ORDER BY name FOR UPDATE")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(rows::counter)
+        .collect::<Result<Vec<_>>>()?;
     let counter = |name: &str| {
         counters
             .iter()
@@ -128,13 +130,8 @@ async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) 
             .fetch_all(&mut *conn)
             .await?;
         for row in rows {
-            databases.insert(
-                DbName::parse("stored name", row.try_get("name")?)?,
-                DbRow {
-                    id: row.try_get("id")?,
-                    sync_key: SyncKey::parse("stored sync_key", row.try_get("sync_key")?)?,
-                },
-            );
+            let (name, db) = rows::db_row(&row)?;
+            databases.insert(name, db);
         }
     }
     Ok(State {
@@ -248,55 +245,43 @@ impl Engine for Writer {
     async fn close(self) {}
 }
 
+/// `columns` of the rows of `docs` of those of `ids` that exist, in one
+/// query, each mapped by `map`.
+async fn docs_by_id<T>(
+    conn: &mut PgConnection,
+    columns: &str,
+    db_id: i64,
+    ids: &[&DocId],
+    map: impl Fn(&sqlx::postgres::PgRow) -> Result<T>,
+) -> Result<Vec<T>> {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    let sql = format!("SELECT {columns} FROM docs WHERE db_id = $1 AND id = ANY($2)");
+    let found = sqlx::query(&sql)
+        // Planned for its arguments each time (once per batch): a generic
+        // plan cached while a new database's table was empty kept scanning
+        // it whole as it grew (create-64 fell from 3.6k to 2.1k writes/s
+        // within 12 s).
+        .persistent(false)
+        .bind(db_id)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    found.iter().map(map).collect()
+}
+
 impl Tx for PgConnection {
     async fn doc_states(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<(DocId, Current)>> {
-        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        let rows =
-            sqlx::query("SELECT id, rev, deleted, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
-                // Planned for its arguments each time (once per batch): a
-                // generic plan cached while a new database's table was
-                // empty kept scanning it whole as it grew (create-64 fell
-                // from 3.6k to 2.1k writes/s within 12 s).
-                .persistent(false)
-                .bind(db_id)
-                .bind(&ids)
-                .fetch_all(&mut *self)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    DocId::parse("stored id", row.try_get("id")?)?,
-                    Current {
-                        rev: parse_stored_rev(row.try_get("rev")?)?,
-                        deleted: row.try_get("deleted")?,
-                        seq: to_u64(row.try_get("seq")?),
-                        body: None,
-                    },
-                ))
-            })
-            .collect()
+        docs_by_id(self, "id, rev, deleted, seq", db_id, ids, |row| {
+            rows::doc_state(rows::doc_id(row)?, row)
+        })
+        .await
     }
 
     async fn documents(&mut self, db_id: i64, ids: &[&DocId]) -> Result<Vec<Document>> {
-        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        let rows =
-            sqlx::query("SELECT id, rev, body, seq FROM docs WHERE db_id = $1 AND id = ANY($2)")
-                // Planned per batch, as in `doc_states`.
-                .persistent(false)
-                .bind(db_id)
-                .bind(&ids)
-                .fetch_all(&mut *self)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Document {
-                    id: DocId::parse("stored id", row.try_get("id")?)?,
-                    rev: parse_stored_rev(row.try_get("rev")?)?,
-                    body: Body::from_canonical_json(row.try_get("body")?)?,
-                    seq: to_u64(row.try_get("seq")?),
-                })
-            })
-            .collect()
+        docs_by_id(self, "id, rev, body, seq", db_id, ids, |row| {
+            rows::document(rows::doc_id(row)?, row)
+        })
+        .await
     }
 
     /// One statement for the whole batch: arrays unnested into rows.

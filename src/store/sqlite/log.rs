@@ -9,23 +9,27 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
-use super::super::{EventPage, StoredEvent, to_i64};
-use crate::domain::{Error, Result, SyncKey};
+use super::settings::{self, Role};
+
+use super::super::rows::{self};
+use super::super::{Durability, EventPage, to_i64};
+use crate::domain::{Result, SyncKey};
 
 pub(super) struct LogReaders {
     path: PathBuf,
+    durability: Durability,
     /// Connections not in use.
     idle: Mutex<Vec<Connection>>,
 }
 
 impl LogReaders {
-    pub(super) fn new(path: PathBuf) -> Arc<Self> {
+    pub(super) fn new(path: PathBuf, durability: Durability) -> Arc<Self> {
         Arc::new(LogReaders {
             path,
+            durability,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -54,19 +58,9 @@ impl LogReaders {
         let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         match reused {
             Some(conn) => Ok(conn),
-            None => open(&self.path),
+            None => settings::rusqlite_connection(&self.path, Role::LogReader, self.durability),
         }
     }
-}
-
-fn open(path: &std::path::Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA cache_size = -2048; PRAGMA mmap_size = 268435456;")?;
-    Ok(conn)
 }
 
 fn read_page(
@@ -94,8 +88,9 @@ fn read_in_snapshot(
 ) -> Result<EventPage> {
     let counters = conn
         .prepare_cached(crate::store::COUNTERS_SQL)?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+        .query([])?
+        .mapped(|row| Ok(rows::counter(row)))
+        .collect::<rusqlite::Result<Result<Vec<_>>>>()??;
     let crate::store::Counters {
         last_seq: head,
         pruned_through,
@@ -121,22 +116,7 @@ fn read_in_snapshot(
     let mut bytes = 0;
     let mut rows = select.raw_query();
     while let Some(row) = rows.next()? {
-        let text = |i| -> Result<&str> {
-            row.get_ref(i)?
-                .as_str()
-                .map_err(|e| Error::Storage(Box::new(e)))
-        };
-        let event = StoredEvent {
-            seq: row.get(0)?,
-            sync_key: text(1)?,
-            database: text(2)?,
-            doc_id: text(3)?,
-            rev: text(4)?,
-            deleted: row.get(5)?,
-            aliases: text(6)?,
-            attributes: text(7)?,
-        }
-        .parse()?;
+        let event = rows::event(row)?;
         bytes += event.approx_bytes();
         events.push(event);
         if bytes >= max_bytes {

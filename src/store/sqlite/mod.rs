@@ -5,6 +5,7 @@
 
 mod log;
 mod reader;
+mod settings;
 mod writer;
 
 use std::path::PathBuf;
@@ -13,19 +14,18 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use futures_util::future::BoxFuture;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Row};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, Retention};
 use super::{
-    COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, Durability, EventPage, EventQuery, ReadPath,
-    StoreOptions, TakeChange, database_from_row, parse_stored_rev, supervise, to_i64, to_u64,
+    COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
+    StoreOptions, TakeChange, rows, supervise, to_i64,
 };
-use crate::domain::{Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Result};
+use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Result};
+use settings::Role;
 use writer::{WalBound, Writer};
 
 /// Rows a read connection computes ahead of the task consuming them.
@@ -52,26 +52,13 @@ pub(super) async fn open(
     options: &StoreOptions,
     wiring: super::Wiring,
 ) -> Result<super::Opened> {
-    let synchronous = match options.durability {
-        Durability::Full => SqliteSynchronous::Full,
-        Durability::Normal => SqliteSynchronous::Normal,
-    };
-    let base = SqliteConnectOptions::new()
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(synchronous)
-        .busy_timeout(Duration::from_secs(10))
-        // A 64 MiB page cache per connection, and reads through mmap:
-        // fewer syscalls and copies on large databases.
-        .pragma("cache_size", "-65536")
-        .pragma("mmap_size", "268435456")
-        .pragma("temp_store", "memory")
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-
     // The file is created and migrated through sqlx; the writer then opens
-    // its own connection (see `writer::open_connection`).
-    let mut setup_conn = base.clone().create_if_missing(true).connect().await?;
+    // its own connection (rusqlite). Every connection's PRAGMAs come from
+    // `settings`.
+    let durability = options.durability;
+    let mut setup_conn = settings::sqlx_options(path, Role::Maintenance, durability)
+        .connect()
+        .await?;
     sqlx::migrate!("./migrations/sqlite")
         .run_direct(&mut setup_conn)
         .await?;
@@ -80,7 +67,9 @@ pub(super) async fn open(
         pruned_through,
     } = read_counters(&mut setup_conn).await?;
     sqlx::Connection::close(setup_conn).await?;
-    let write_conn = writer::open_connection(path, options.durability)?;
+    let write_conn = settings::rusqlite_connection(path, Role::Writer, durability)?;
+    // Every statement of a batch stays prepared (a dozen of them).
+    write_conn.set_prepared_statement_cache_capacity(32);
 
     let reader = SqlitePoolOptions::new()
         .max_connections(options.read_connections.max(1))
@@ -89,9 +78,7 @@ pub(super) async fn open(
         .connect_with(
             // A scan's rows wait in this buffer while the handler encodes:
             // 16 rows of up to a document each, not sqlx's 50.
-            base.clone()
-                .read_only(true)
-                .row_buffer_size(READ_ROW_BUFFER),
+            settings::sqlx_options(path, Role::Reader, durability).row_buffer_size(READ_ROW_BUFFER),
         )
         .await?;
 
@@ -109,7 +96,9 @@ pub(super) async fn open(
     let writer = Writer::new(write_conn, last_seq, retention, wal, deliveries)?;
     let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let (closed, failed) = (wiring.closed, wiring.failed);
-    let checkpoint_conn = base.connect().await?;
+    let checkpoint_conn = settings::sqlx_options(path, Role::Maintenance, durability)
+        .connect()
+        .await?;
     let tasks = vec![
         supervise(
             "writer",
@@ -141,7 +130,7 @@ pub(super) async fn open(
             reader,
             scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
             gets,
-            log: log::LogReaders::new(path.to_owned()),
+            log: log::LogReaders::new(path.to_owned(), durability),
         }),
         tasks,
         reachable,
@@ -187,12 +176,12 @@ impl Reads {
         take: &mut TakeChange<'_>,
     ) -> Result<ChangesPage> {
         let (_permit, mut conn) = self.scan().await?;
-        let (db_id, created_seq): (i64, i64) =
-            sqlx::query_as("SELECT id, created_seq FROM databases WHERE name = ?1")
-                .bind(database.as_str())
-                .fetch_optional(&mut *conn)
-                .await?
-                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = ?1")
+            .bind(database.as_str())
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        let (db_id, created_seq) = rows::instance(&found)?;
         {
             let mut rows = sqlx::query(
                 "SELECT id, rev, seq, deleted, CASE WHEN ?4 AND NOT deleted THEN body END AS body
@@ -204,23 +193,13 @@ impl Reads {
             .bind(include_docs)
             .fetch(&mut *conn);
             while let Some(row) = rows.try_next().await? {
-                let body: Option<&str> = row.try_get("body")?;
-                let change = Change {
-                    id: DocId::parse("stored id", row.try_get("id")?)?,
-                    rev: parse_stored_rev(row.try_get("rev")?)?,
-                    seq: to_u64(row.try_get("seq")?),
-                    deleted: row.try_get("deleted")?,
-                    body: body.map(Body::from_canonical_json).transpose()?,
-                };
-                if take(change)?.is_break() {
+                if take(rows::change(&row)?)?.is_break() {
                     break;
                 }
             }
         }
         conn.commit().await?;
-        Ok(ChangesPage {
-            created_seq: to_u64(created_seq),
-        })
+        Ok(ChangesPage { created_seq })
     }
 
     /// Reads up to `limit` logged events with seq > `after` for `keys`, and
@@ -252,7 +231,7 @@ impl Reads {
         .fetch_all(&mut *conn)
         .await?;
         conn.commit().await?;
-        rows.iter().map(database_from_row).collect()
+        rows.iter().map(rows::database).collect()
     }
 
     /// The current revision of a live document.
@@ -270,29 +249,7 @@ impl Reads {
 }
 
 impl ReadPath for Reads {
-    fn get<'a>(&'a self, database: &'a DbName, id: &'a DocId) -> BoxFuture<'a, Result<Document>> {
-        Box::pin(Reads::get(self, database, id))
-    }
-
-    fn changes<'a>(
-        &'a self,
-        query: ChangesQuery<'a>,
-        take: &'a mut TakeChange<'a>,
-    ) -> BoxFuture<'a, Result<ChangesPage>> {
-        Box::pin(Reads::changes(self, query, take))
-    }
-
-    fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
-        Box::pin(Reads::list_databases(self))
-    }
-
-    fn counters(&self) -> BoxFuture<'_, Result<Counters>> {
-        Box::pin(Reads::counters(self))
-    }
-
-    fn read_events<'a>(&'a self, query: EventQuery<'a>) -> BoxFuture<'a, Result<EventPage>> {
-        Box::pin(Reads::read_events(self, query))
-    }
+    super::read_path_delegates!();
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.reader.close())
@@ -349,6 +306,10 @@ async fn checkpointer(
 }
 
 async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<Counters> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(COUNTERS_SQL).fetch_all(&mut *conn).await?;
-    Counters::from_rows(&rows)
+    let found = sqlx::query(COUNTERS_SQL).fetch_all(&mut *conn).await?;
+    let pairs = found
+        .iter()
+        .map(rows::counter)
+        .collect::<Result<Vec<_>>>()?;
+    Counters::from_rows(&pairs)
 }

@@ -7,14 +7,14 @@
 //! the switches are shared. It holds a connection only while it has Gets to
 //! answer, so an idle dispatcher never starves other reads.
 
+use sqlx::QueryBuilder;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{Sqlite, SqlitePool};
-use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::super::{parse_stored_rev, to_u64};
-use crate::domain::{Body, DbName, DocId, Document, Error, Result};
+use super::super::rows::{self, Columns};
+use crate::domain::{DbName, DocId, Document, Error, Result};
 
 /// The most Gets answered by one query.
 const MAX_BATCH: usize = 256;
@@ -150,26 +150,12 @@ async fn read(
         .await?;
     let mut results: Vec<Option<Result<Document>>> = (0..requests.len()).map(|_| None).collect();
     for row in rows {
-        let n: i64 = row.try_get("n")?;
+        let n = row.int("n")?;
         let Some(request) = usize::try_from(n).ok().and_then(|n| requests.get(n)) else {
             continue;
         };
-        let db_id: Option<i64> = row.try_get("db_id")?;
-        let rev: Option<&str> = row.try_get("rev")?;
-        let deleted: Option<bool> = row.try_get("deleted")?;
-        let result = match (db_id, rev, deleted) {
-            (None, _, _) => Err(Error::DatabaseNotFound(request.database.to_string())),
-            (Some(_), Some(rev), Some(false)) => Ok(Document {
-                id: request.id.clone(),
-                rev: parse_stored_rev(rev)?,
-                body: Body::from_canonical_json(row.try_get("body")?)?,
-                seq: to_u64(row.try_get("seq")?),
-            }),
-            _ => Err(Error::DocumentNotFound {
-                database: request.database.to_string(),
-                id: request.id.to_string(),
-            }),
-        };
+        let result = rows::lookup(&request.database, &request.id, &row)?
+            .unwrap_or_else(|| Err(Error::DatabaseNotFound(request.database.to_string())));
         if let Some(slot) = results.get_mut(usize::try_from(n).unwrap_or(usize::MAX)) {
             *slot = Some(result);
         }

@@ -17,7 +17,7 @@
 //! what is committed, and is restored when a batch fails.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -27,37 +27,8 @@ use super::super::batch::{
     self, Answer, Current, DbRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
     attributes_json,
 };
-use super::super::{Durability, Publisher, parse_stored_rev, to_i64, to_u64};
-use crate::domain::{
-    Body, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, Rev, SyncKey,
-};
-
-/// Opens the write connection to a database file that exists and is
-/// migrated, with the settings of `super::open`'s sqlx connections
-/// (WAL, the durability's `synchronous`, foreign keys, a 64 MiB cache,
-/// mmap) and no automatic checkpoints: the checkpointer copies the WAL back
-/// off the write path, and the writer restarts the WAL itself between
-/// batches only when it passes its bound (see `WalBound`).
-pub(super) fn open_connection(path: &Path, durability: Durability) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    let synchronous = match durability {
-        Durability::Full => "FULL",
-        Durability::Normal => "NORMAL",
-    };
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = {synchronous};
-         PRAGMA foreign_keys = ON;
-         PRAGMA cache_size = -65536;
-         PRAGMA mmap_size = 268435456;
-         PRAGMA temp_store = MEMORY;
-         PRAGMA wal_autocheckpoint = 0;"
-    ))?;
-    // Every statement of a batch stays prepared (a dozen of them).
-    conn.set_prepared_statement_cache_capacity(32);
-    Ok(conn)
-}
+use super::super::{Publisher, rows, to_i64};
+use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, Result, Rev};
 
 /// The bound on the WAL file. SQLite only restarts the WAL from its start
 /// when a checkpoint has copied all of it back and no writer is appending;
@@ -152,11 +123,13 @@ impl Writer {
         deliveries: mpsc::Sender<Delivery>,
     ) -> Result<Self> {
         let databases = load_databases(&conn)?;
-        let last_db_id: i64 = conn.query_row(
-            "SELECT value FROM counters WHERE name = 'last_db_id'",
-            [],
-            |row| row.get(0),
-        )?;
+        let last_db_id = conn
+            .query_row(
+                "SELECT name, value FROM counters WHERE name = 'last_db_id'",
+                [],
+                |row| Ok(rows::counter(row)),
+            )??
+            .1;
         Ok(Writer {
             conn,
             state: State {
@@ -383,17 +356,7 @@ impl Tx for Connection {
             "SELECT rev, deleted, seq FROM docs WHERE db_id = ?1 AND id = ?2",
             db_id,
             ids,
-            |id, row| {
-                Ok((
-                    id.clone(),
-                    Current {
-                        rev: parse_stored_rev(text(row, 0)?)?,
-                        deleted: row.get(1)?,
-                        seq: to_u64(row.get(2)?),
-                        body: None,
-                    },
-                ))
-            },
+            |id, row| rows::doc_state(id.clone(), row),
         )
     }
 
@@ -403,14 +366,7 @@ impl Tx for Connection {
             "SELECT rev, body, seq FROM docs WHERE db_id = ?1 AND id = ?2",
             db_id,
             ids,
-            |id, row| {
-                Ok(Document {
-                    id: id.clone(),
-                    rev: parse_stored_rev(text(row, 0)?)?,
-                    body: Body::from_canonical_json(text(row, 1)?)?,
-                    seq: to_u64(row.get(2)?),
-                })
-            },
+            |id, row| rows::document(id.clone(), row),
         )
     }
 
@@ -502,25 +458,13 @@ impl Tx for Connection {
     }
 }
 
-/// A text column, borrowed from the row.
-fn text<'r>(row: &'r rusqlite::Row<'_>, column: usize) -> Result<&'r str> {
-    row.get_ref(column)?
-        .as_str()
-        .map_err(|e| Error::Storage(Box::new(e)))
-}
-
 fn load_databases(conn: &Connection) -> Result<HashMap<DbName, DbRow>> {
     let mut stmt = conn.prepare("SELECT id, name, sync_key FROM databases")?;
     let mut rows = stmt.query([])?;
     let mut out = HashMap::new();
     while let Some(row) = rows.next()? {
-        out.insert(
-            DbName::parse("stored name", text(row, 1)?)?,
-            DbRow {
-                id: row.get(0)?,
-                sync_key: SyncKey::parse("stored sync_key", text(row, 2)?)?,
-            },
-        );
+        let (name, db) = rows::db_row(row)?;
+        out.insert(name, db);
     }
     Ok(out)
 }
@@ -534,7 +478,8 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::domain::{DocChange, DocWrite};
+    use crate::domain::{Body, DocChange, DocWrite, SyncKey};
+    use crate::store::Durability;
     use crate::store::batch::Op;
 
     async fn writer(dir: &std::path::Path) -> Writer {
@@ -560,7 +505,12 @@ mod tests {
             max_bytes: 1 << 26,
             nudge: Arc::default(),
         };
-        let conn = open_connection(&path, Durability::Full).unwrap();
+        let conn = super::super::settings::rusqlite_connection(
+            &path,
+            super::super::settings::Role::Writer,
+            Durability::Full,
+        )
+        .unwrap();
         let (deliveries, rx) = mpsc::channel(DELIVERY_QUEUE);
         let hub = crate::hub::Hub::new(
             0,

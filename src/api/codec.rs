@@ -13,7 +13,8 @@ use std::any::TypeId;
 use std::marker::PhantomData;
 
 use prost::Message;
-use tonic::codec::BufferSettings;
+use tonic::Status;
+use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// Initial size of a Subscribe stream's encode buffer.
@@ -41,7 +42,7 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         if TypeId::of::<T>() == TypeId::of::<crate::pb::SubscribeResponse>() {
@@ -55,6 +56,35 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::default().decoder()
+        Decoder(ProstCodec::<T, U>::default().decoder())
+    }
+}
+
+/// prost's decoder. A message it cannot decode is INVALID_ARGUMENT when it
+/// is a request (the caller's input: bytes that are not the message, or a
+/// body nested past protobuf's recursion limit), not tonic's INTERNAL. It
+/// fails only on such input, so its errors need no reading.
+#[derive(Debug)]
+pub struct Decoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| {
+            if std::any::type_name::<U>().ends_with("Request") {
+                Status::invalid_argument(format!(
+                    "the request is not a valid protobuf message, or nests deeper than protobuf decoding allows (about 33 levels of JSON objects): {}",
+                    status.message()
+                ))
+            } else {
+                status
+            }
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
     }
 }

@@ -1,0 +1,205 @@
+//! Rows into domain values, once per row type, by column name, for every
+//! driver: sqlx's SQLite and PostgreSQL rows and rusqlite's (the SQLite
+//! writer and replay reader). Each query selects the columns its row type
+//! names; the decoders here are the only code that reads a column. Must not:
+//! read a column by position, or build a domain value from a row elsewhere.
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use super::batch::{Current, DbRow};
+use super::{parse_stored_rev as stored_rev, to_u64};
+use crate::domain::{
+    Alias, Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey,
+};
+
+/// A result row read by column name, whatever the driver.
+pub(super) trait Columns {
+    fn int(&self, name: &str) -> Result<i64>;
+    fn flag(&self, name: &str) -> Result<bool>;
+    fn text(&self, name: &str) -> Result<&str>;
+    /// NULL is `None` (a LEFT JOIN that found nothing, a body not asked for).
+    fn opt_int(&self, name: &str) -> Result<Option<i64>>;
+    fn opt_flag(&self, name: &str) -> Result<Option<bool>>;
+    fn opt_text(&self, name: &str) -> Result<Option<&str>>;
+}
+
+/// sqlx's rows: both backends' read queries and PostgreSQL's writer.
+macro_rules! sqlx_columns {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn int(&self, name: &str) -> Result<i64> {
+                Ok(self.try_get(name)?)
+            }
+            fn flag(&self, name: &str) -> Result<bool> {
+                Ok(self.try_get(name)?)
+            }
+            fn text(&self, name: &str) -> Result<&str> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_int(&self, name: &str) -> Result<Option<i64>> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_flag(&self, name: &str) -> Result<Option<bool>> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_text(&self, name: &str) -> Result<Option<&str>> {
+                Ok(self.try_get(name)?)
+            }
+        }
+    };
+}
+sqlx_columns!(sqlx::sqlite::SqliteRow);
+sqlx_columns!(sqlx::postgres::PgRow);
+
+/// rusqlite's rows: the SQLite writer's and the replay reader's.
+impl Columns for rusqlite::Row<'_> {
+    fn int(&self, name: &str) -> Result<i64> {
+        Ok(self.get(name)?)
+    }
+    fn flag(&self, name: &str) -> Result<bool> {
+        Ok(self.get(name)?)
+    }
+    fn text(&self, name: &str) -> Result<&str> {
+        self.get_ref(name)?
+            .as_str()
+            .map_err(|e| Error::Storage(Box::new(e)))
+    }
+    fn opt_int(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self.get(name)?)
+    }
+    fn opt_flag(&self, name: &str) -> Result<Option<bool>> {
+        Ok(self.get(name)?)
+    }
+    fn opt_text(&self, name: &str) -> Result<Option<&str>> {
+        self.get_ref(name)?
+            .as_str_or_null()
+            .map_err(|e| Error::Storage(Box::new(e)))
+    }
+}
+
+/// `events(seq, sync_key, database, doc_id, rev, deleted, aliases,
+/// attributes)`: '' stands for "none" in the text columns; aliases and
+/// attributes are JSON.
+pub(super) fn event(row: &impl Columns) -> Result<Event> {
+    let aliases: Vec<String> =
+        serde_json::from_str(row.text("aliases")?).map_err(|e| Error::Storage(Box::new(e)))?;
+    let attributes: BTreeMap<String, String> =
+        serde_json::from_str(row.text("attributes")?).map_err(|e| Error::Storage(Box::new(e)))?;
+    let present = |column: &str| -> Result<Option<&str>> {
+        let value = row.text(column)?;
+        Ok((!value.is_empty()).then_some(value))
+    };
+    Ok(Event {
+        seq: to_u64(row.int("seq")?),
+        sync_key: SyncKey::parse("stored sync_key", row.text("sync_key")?)?,
+        database: present("database")?
+            .map(|d| DbName::parse("stored database", d))
+            .transpose()?,
+        id: present("doc_id")?
+            .map(|id| DocId::parse("stored id", id))
+            .transpose()?,
+        rev: present("rev")?.map(stored_rev).transpose()?,
+        deleted: row.flag("deleted")?,
+        aliases: Alias::parse_list("stored aliases", &aliases)?,
+        attributes,
+    })
+}
+
+/// `databases(name, sync_key, doc_count, update_seq, created_seq)`.
+pub(super) fn database(row: &impl Columns) -> Result<DatabaseInfo> {
+    Ok(DatabaseInfo {
+        name: DbName::parse("stored name", row.text("name")?)?,
+        sync_key: SyncKey::parse("stored sync_key", row.text("sync_key")?)?,
+        doc_count: to_u64(row.int("doc_count")?),
+        update_seq: to_u64(row.int("update_seq")?),
+        created_seq: to_u64(row.int("created_seq")?),
+    })
+}
+
+/// `databases(id, created_seq)`: which instance of a name a read sees.
+pub(super) fn instance(row: &impl Columns) -> Result<(i64, u64)> {
+    Ok((row.int("id")?, to_u64(row.int("created_seq")?)))
+}
+
+/// `databases(id, name, sync_key)`, as the writer keeps them.
+pub(super) fn db_row(row: &impl Columns) -> Result<(DbName, DbRow)> {
+    Ok((
+        DbName::parse("stored name", row.text("name")?)?,
+        DbRow {
+            id: row.int("id")?,
+            sync_key: SyncKey::parse("stored sync_key", row.text("sync_key")?)?,
+        },
+    ))
+}
+
+/// `docs(rev, deleted, seq)` of the document `id`, as the writer checks
+/// revisions against it.
+pub(super) fn doc_state(id: DocId, row: &impl Columns) -> Result<(DocId, Current)> {
+    Ok((
+        id,
+        Current {
+            rev: stored_rev(row.text("rev")?)?,
+            deleted: row.flag("deleted")?,
+            seq: to_u64(row.int("seq")?),
+            body: None,
+        },
+    ))
+}
+
+/// `docs(rev, body, seq)` of the document `id`.
+pub(super) fn document(id: DocId, row: &impl Columns) -> Result<Document> {
+    Ok(Document {
+        id,
+        rev: stored_rev(row.text("rev")?)?,
+        body: Body::from_canonical_json(row.text("body")?)?,
+        seq: to_u64(row.int("seq")?),
+    })
+}
+
+/// A point read, `databases LEFT JOIN docs`: `db_id` NULL if the database
+/// does not exist; `rev`, `deleted`, `body`, `seq` NULL if the document
+/// does not. `None` if the database is missing, else the live document or
+/// `DocumentNotFound`.
+pub(super) fn lookup(
+    database: &DbName,
+    id: &DocId,
+    row: &impl Columns,
+) -> Result<Option<Result<Document>>> {
+    if row.opt_int("db_id")?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(match row.opt_flag("deleted")? {
+        Some(false) => Ok(document(id.clone(), row)?),
+        _ => Err(Error::DocumentNotFound {
+            database: database.to_string(),
+            id: id.to_string(),
+        }),
+    }))
+}
+
+/// The `id` column: a document id.
+pub(super) fn doc_id(row: &impl Columns) -> Result<DocId> {
+    DocId::parse("stored id", row.text("id")?)
+}
+
+/// A Changes row: `docs(id, rev, seq, deleted, body)`, `body` NULL unless
+/// asked for and live.
+pub(super) fn change(row: &impl Columns) -> Result<Change> {
+    Ok(Change {
+        id: doc_id(row)?,
+        rev: stored_rev(row.text("rev")?)?,
+        seq: to_u64(row.int("seq")?),
+        deleted: row.flag("deleted")?,
+        body: row
+            .opt_text("body")?
+            .map(Body::from_canonical_json)
+            .transpose()?,
+    })
+}
+
+/// A `counters(name, value)` row (see `Counters::from_rows`).
+pub(super) fn counter(row: &impl Columns) -> Result<(String, i64)> {
+    Ok((row.text("name")?.to_owned(), row.int("value")?))
+}
