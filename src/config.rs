@@ -118,8 +118,8 @@ pub struct Config {
     #[arg(long, default_value_t = 32)]
     pub max_json_depth: usize,
 
-    /// Largest gRPC request message. A bigger one is refused by the transport
-    /// with RESOURCE_EXHAUSTED before it is decoded.
+    /// Largest gRPC request message. A bigger one is refused with
+    /// RESOURCE_EXHAUSTED before it is read.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
@@ -132,9 +132,10 @@ pub struct Config {
     pub max_new_ids: u32,
 
     /// Read connections to SQLite. Gets share one connection per batch;
-    /// scans (Changes, replay, ListDatabases) use at most all but one of
-    /// them at once. A read that waits `--read-timeout-secs` for a
-    /// connection fails with UNAVAILABLE (retryable).
+    /// at most all but one scans (Changes, ListDatabases, and replays, which
+    /// read the log on connections of their own) run at once. A read that
+    /// waits `--read-timeout-secs` for a connection fails with UNAVAILABLE
+    /// (retryable).
     #[arg(long, default_value_t = 4)]
     pub read_connections: u32,
 
@@ -186,6 +187,13 @@ pub struct Config {
     /// oldest seq still available. Each event takes roughly 100-200 bytes.
     #[arg(long, default_value_t = 1_000_000)]
     pub retain_events: u64,
+
+    /// How long the reply of a Put, Delete or BulkPut sent with a
+    /// `request_id` is kept (at least), so a retry within it gets the first
+    /// reply instead of writing again. Older ones are deleted by the writer,
+    /// up to 10,000 a minute. Each takes roughly 200 bytes plus its reply.
+    #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+    pub request_id_retention_secs: u64,
 
     /// Most sync keys in one Subscribe; more is INVALID_ARGUMENT.
     #[arg(long, default_value_t = 100)]
@@ -337,6 +345,7 @@ impl Config {
             writer_queue: self.writer_queue,
             max_batch: self.max_batch,
             retain_events: self.retain_events,
+            request_id_retention: Duration::from_secs(self.request_id_retention_secs),
             writer_queue_bytes: self.writer_queue_bytes,
             wal_max_bytes: self.wal_max_bytes,
             read_acquire_timeout: self.read_timeout_secs,

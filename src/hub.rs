@@ -1,11 +1,16 @@
 //! Fan-out of committed events to live subscribers, and each subscriber's
-//! catch-up from the durable log. The writer calls [`Hub::publish`] after each
-//! commit, in seq order; publishing never blocks: each subscriber has a
-//! bounded buffer, and one that is full is flagged "overflowed" and skipped.
-//! An overflowed subscriber re-reads the log from the last seq it delivered,
-//! so a slow subscriber costs bounded memory, never slows anyone else, and
-//! still gets every event, in order. Must not: block in `publish`, or hold
-//! the registry lock across an `.await`.
+//! catch-up from the durable log. The store publishes to the hub through
+//! `store::Publish`, in seq order: on SQLite its `deliver` task after each
+//! commit of the writer thread, on PostgreSQL the node's tailer as it reads
+//! the log (and [`Hub::lost`] when events were pruned before it could
+//! publish them). Publishing never blocks: each subscriber has a bounded
+//! buffer, and one that is full is flagged "overflowed" and skipped. An
+//! overflowed subscriber re-reads the log from the last seq it delivered, so
+//! a slow subscriber costs bounded memory, never slows anyone else, and
+//! still gets every event, in order. [`Subscription`] reads the log through
+//! [`EventLog`], never a backend, so unit tests drive it with a fake log.
+//! Must not: block in `publish`, or hold the registry lock across an
+//! `.await`.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -25,9 +30,11 @@ const REPLAY_PAGE: u32 = 1000;
 
 /// The registry of live subscribers, by sync key.
 pub struct Hub {
-    /// Held only to register, unregister and publish; never across `.await`.
+    /// Held only to register, unregister, publish and mark a loss (`lost`);
+    /// never across `.await`.
     registry: Mutex<Registry>,
-    /// The highest seq published (all events up to it were handed out).
+    /// The highest seq published or lost: every event up to it was handed
+    /// out, or was pruned before this node could publish it (`lost`).
     head: AtomicU64,
     limits: SubscriberLimits,
 }
@@ -73,7 +80,7 @@ impl Hub {
         self.head.fetch_max(seq, Ordering::AcqRel);
     }
 
-    /// The highest seq published so far.
+    /// The highest seq published (or lost, see [`Hub::lost`]) so far.
     pub fn head(&self) -> u64 {
         self.head.load(Ordering::Acquire)
     }
@@ -121,14 +128,17 @@ impl Hub {
     /// it pruned and ends with `SinceTooOld` (OUT_OF_RANGE, resync), none
     /// skips the hole silently. Under the registry lock, like `register`,
     /// so a registration sees either the old head and the flag, or the new
-    /// head. Never blocks.
+    /// head. The flags are set before the head moves (as `publish` sends
+    /// before it raises the head): an idle subscriber that reads the new
+    /// head for a `Progress` then finds its flag set, and catches up instead
+    /// of announcing a position past the hole. Never blocks.
     pub fn lost(&self, through: u64) {
         let registry = self.registry();
-        self.head.fetch_max(through, Ordering::AcqRel);
         for slot in registry.by_key.values().flat_map(HashMap::values) {
             slot.overflowed.store(true, Ordering::Release);
             slot.wake.notify_one();
         }
+        self.head.fetch_max(through, Ordering::AcqRel);
         metrics::counter!(crate::telemetry::LOG_GAPS).increment(1);
     }
 
@@ -561,7 +571,8 @@ mod tests {
     }
 
     impl FakeLog {
-        /// Commits `events`: into the log, then published, as a writer does.
+        /// Commits `events`: into the log, then published, as the store
+        /// does.
         fn commit(&self, hub: &Hub, events: &[Event]) {
             {
                 let mut log = self.0.lock().unwrap();
@@ -766,6 +777,20 @@ mod tests {
                     Lost(10),
                     Commit(run_of(11..=11, "a")),
                     Expect(&["n1", "n2"]),
+                    Fails(
+                        "since=2 is older than the event log's retention (the oldest event kept is seq 11)",
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "an idle subscriber and a lost hole: OUT_OF_RANGE, never a progress past it",
+                progress_every: Duration::from_secs(30),
+                log: run_of(1..=2, "a"),
+                steps: vec![
+                    Expect(&["subscribed 2"]),
+                    Prune(10),
+                    Lost(10),
                     Fails(
                         "since=2 is older than the event log's retention (the oldest event kept is seq 11)",
                     ),

@@ -9,7 +9,9 @@
 //! - [`store`]: durable storage behind one interface (`Store`), on SQLite
 //!   (the embedded default: a read pool, and the single writer on a thread
 //!   of its own, group commit) or PostgreSQL (several nodes). All SQL lives
-//!   there.
+//!   there. `api` and `hub` see that interface, never a backend: `Store`,
+//!   its typed queries and pages, `EventLog` (what the hub reads) and
+//!   `Publish` (the live tail, which the hub implements).
 //! - [`hub`]: fan-out of committed events to live subscribers, and each
 //!   subscriber's replay and catch-up from the durable log.
 //! - [`api`]: the gRPC service; with [`server`]'s wiring, the only code that

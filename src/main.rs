@@ -1,6 +1,7 @@
-//! The `agsync` binary: parses flags, sets up logging, binds the listener and
-//! runs the server until SIGINT or SIGTERM, or runs the `hash-token` helper.
-//! Nothing else lives here.
+//! The `agsync` binary: picks the allocator and builds the request runtime,
+//! parses flags, sets up logging, binds the listener and runs the server
+//! until SIGINT or SIGTERM, or runs the `hash-token` helper. Nothing else
+//! lives here.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

@@ -1,7 +1,10 @@
-//! Wiring: opens the store, serves the gRPC services (SyncService, health,
-//! reflection) on a listener, and shuts down in order: stop accepting,
-//! let in-flight requests finish (bounded), then close the store (commit
-//! queued writes, checkpoint the WAL).
+//! Wiring: opens the store and the hub, serves the gRPC services
+//! (SyncService behind `api::guard`, health, reflection) and gRPC-Web on
+//! one listener, and `/metrics` when asked, then shuts down in order: stop
+//! accepting and end every Subscribe stream, let in-flight requests finish
+//! (bounded), join the server's tasks, then close the store (commit queued
+//! writes, checkpoint the WAL). With `api`, the only code that sees tonic;
+//! it handles no request itself.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,7 +47,9 @@ pub async fn run(
     ));
     let tls = load_tls(&config)?;
 
-    // The hub starts empty; the writer publishes to it after each commit.
+    // The hub starts empty; the store publishes to it (`Publish`): on
+    // SQLite `deliver` after each commit of the writer thread, on
+    // PostgreSQL the node's tailer what it reads from the event log.
     let hub = Hub::new(0, config.subscriber_limits());
     let publisher: crate::store::Publisher = hub.clone();
     let store = Arc::new(Store::open(config.store_options(), publisher).await?);
@@ -147,7 +152,7 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| Error::Config(format!("invalid TLS configuration: {e}")))?;
     }
-    // gRPC-Web (HTTP/1.1 too) for browsers on the same port; see `web`.
+    // gRPC-Web (HTTP/1.1 too) for browsers on the same port; see `api::web`.
     let origins = crate::api::web::Origins::from_flags(&config.cors_allow_origin);
     let serve = builder
         .accept_http1(true)

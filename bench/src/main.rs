@@ -4,9 +4,12 @@
 //! latency percentiles, errors and the server's RSS: a human table and one
 //! JSON line per run.
 //!
-//! `run` measures a running server; `noop` serves the no-op server;
-//! `compare` starts both side by side (fresh database each run), runs the
-//! workload against each `--runs` times and prints medians and the ratio.
+//! `run` measures a running server (`run.rs` dispatches to the workload);
+//! `noop` serves the no-op server; `compare` starts agsync and the no-op
+//! server (and, if asked, agsync with metrics scraped, agsync on
+//! PostgreSQL with one and two nodes, and etcd) one after another with a
+//! fresh database each run, runs the workload against each `--runs` times
+//! and prints medians and the ratios.
 
 // Message literals end with `..Default::default()` even when they name every
 // field today, so fields added to the proto do not break the bench.
@@ -129,7 +132,7 @@ pub enum Workload {
     WalSoak,
     /// After an untimed setup (`--docs` documents of ~100 KiB, `--events`
     /// Notify events over `--keys` keys), runs together: `--bulk-clients`
-    /// ~15.5 MiB BulkPuts, `--pager-clients` paging Changes with bodies under
+    /// ~15.2 MiB BulkPuts, `--pager-clients` paging Changes with bodies under
     /// the default 4 MiB receive limit, `--subscribers` replaying their key
     /// from since=0, and `--good-clients` small Put/Get clients whose latency
     /// is the headline. Fails on a missed or repeated event, an oversized
@@ -186,7 +189,7 @@ pub struct WorkloadArgs {
     /// Sync keys the events are spread over (hostile).
     #[arg(long, default_value_t = 100)]
     pub keys: usize,
-    /// Clients looping ~15.5 MiB BulkPuts (hostile).
+    /// Clients looping ~15.2 MiB BulkPuts (hostile).
     #[arg(long, default_value_t = 64)]
     pub bulk_clients: usize,
     /// Clients paging Changes with bodies (hostile).

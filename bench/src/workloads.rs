@@ -1,5 +1,9 @@
-//! The workloads. Each sets up what it needs (untimed), then runs its
-//! clients until the deadline, recording every operation's latency.
+//! The short workloads, and the helpers every workload driver shares
+//! (connections, clients, `drive`, `Report`, preloading, subscriber
+//! readers). Each workload sets up what it needs (untimed), then runs its
+//! clients until the deadline, recording every operation's latency. `run`
+//! dispatches to them; the long ones (`hostile`, `walsoak`) and the etcd
+//! peer import from here, never the other way round.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +41,8 @@ pub struct Report {
     /// Workload-specific figures (delivered/expected, RSS per subscriber...).
     pub extra: serde_json::Map<String, serde_json::Value>,
     pub notes: Vec<String>,
-    /// Why the run failed its own checks (soak, fanout delivery).
+    /// Why the run failed its own checks (delivery and order in soak,
+    /// fanout, cross-node and replay; the bounds of wal-soak and hostile).
     pub failed: Vec<String>,
 }
 

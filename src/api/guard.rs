@@ -1,11 +1,12 @@
 //! The gate every `SyncService` call passes before any handler code runs:
 //! it authenticates the caller (the `Principal` goes into the request's
 //! extensions, where handlers find it), refuses a method that has no access
-//! rule, and admits the call under the server's budgets: calls in flight
-//! and bytes of large request messages (past either: UNAVAILABLE at once,
-//! before the message is read). Must not: run for health
-//! or reflection (they stay open and SERVING under load), or let a call
-//! through that it did not authenticate.
+//! rule, refuses a request message over `--max-request-bytes` unread
+//! (RESOURCE_EXHAUSTED), and admits the call under the server's budgets:
+//! calls in flight and bytes of large request messages (past either:
+//! UNAVAILABLE at once, before the message is read). Must not: run for
+//! health or reflection (they stay open and SERVING under load), or let a
+//! call through that it did not authenticate.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,7 +67,8 @@ pub struct Budgets {
     /// Bytes of large request messages received and served at once.
     pub large_request_bytes: usize,
     /// The largest request message decoded at all (`--max-request-bytes`);
-    /// a bigger one takes no budget: tonic refuses it unread.
+    /// a bigger one takes no budget: the gate refuses it unread
+    /// (RESOURCE_EXHAUSTED).
     pub max_request_bytes: usize,
 }
 

@@ -1,6 +1,10 @@
-//! The gRPC face of the service: the only module that sees tonic and prost.
-//! Handlers validate requests into domain types (`parse`), call the store,
-//! and convert results back; errors become statuses in `status` only.
+//! The gRPC face of the service: with `server`'s wiring, the only code that
+//! sees tonic and prost. Handlers validate requests into domain types
+//! (`parse`), call the store, and convert results back (`convert`); errors
+//! become statuses in `status` only. Around the handlers: `guard` admits
+//! every call, `calls` measures and logs it, `web` serves browsers, and
+//! `codec` is the generated code's codec. Must not: hold SQL or know which
+//! backend the store runs on.
 
 pub mod calls;
 pub mod codec;
@@ -22,12 +26,12 @@ use guard::caller;
 use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use crate::domain::{
-    Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Result, Rev, SyncKey, new_ids,
-    parse_attributes,
+    Alias, BodyLimits, DbName, DocChange, DocId, DocWrite, Error, Idempotency, ItemReply,
+    RequestId, Result, Rev, SyncKey, new_ids, parse_attributes,
 };
 use crate::hub::{Hub, SubscribeOptions, SubscribeRequest, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
-use crate::store::{ChangesQuery, Store};
+use crate::store::{ChangesQuery, Store, Written};
 
 pub struct Service {
     store: Arc<Store>,
@@ -218,31 +222,45 @@ fn parse_optional_rev(field: &str, rev: &str) -> Result<Option<Rev>> {
     }
 }
 
-/// The `error` string of a failed BulkPut item.
-fn bulk_error_kind(e: &Error) -> &'static str {
-    match e {
-        Error::Conflict { .. } => "conflict",
-        Error::Invalid { .. } => "invalid",
-        Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
-        Error::Unauthenticated(..) | Error::PermissionDenied(_) | Error::Revoked(_) => "forbidden",
-        Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
-        Error::DatabaseExists(_) => "exists",
-        Error::Unavailable(_) | Error::Busy(_) | Error::ShuttingDown { .. } => "unavailable",
-        Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
-        Error::Storage(_) | Error::Config(_) | Error::Fatal(_) => "internal",
+/// A BulkPut result from a recorded or computed item reply.
+fn bulk_result(item: ItemReply) -> pb::BulkPutResult {
+    pb::BulkPutResult {
+        id: item.id,
+        rev: item.rev,
+        seq: item.seq,
+        error: item.error,
+        reason: item.reason,
     }
 }
 
-fn bulk_failure(id: String, e: &Error) -> pb::BulkPutResult {
-    pb::BulkPutResult {
-        id,
-        error: bulk_error_kind(e).to_owned(),
-        reason: match e {
-            Error::Storage(_) => "the server failed to store this document; retry it".to_owned(),
-            _ => e.to_string(),
-        },
-        ..Default::default()
-    }
+/// What makes a write call idempotent: its request_id (if any), the
+/// caller's principal, and a fingerprint of the request without its
+/// request_id (prost encodes maps in key order, so equal requests encode
+/// equally). `method` keeps a Put and a Delete with one id apart.
+fn idempotency<M: prost::Message + Clone>(
+    caller: &Principal,
+    method: &str,
+    request_id: &str,
+    message: &M,
+    clear: impl FnOnce(&mut M),
+) -> Result<Option<Idempotency>, Status> {
+    use sha2::{Digest, Sha256};
+    let Some(request_id) = RequestId::parse("request_id", request_id)? else {
+        return Ok(None);
+    };
+    let mut without_id = message.clone();
+    clear(&mut without_id);
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update([0]);
+    hash.update(without_id.encode_to_vec());
+    Ok(Some(Idempotency {
+        principal: caller.limit_key().to_owned(),
+        request_id,
+        fingerprint: hash.finalize().into(),
+        whole_call_fails_with_an_item: true,
+        rejected: Vec::new(),
+    }))
 }
 
 #[tonic::async_trait]
@@ -322,11 +340,14 @@ impl SyncService for Service {
         let req = request.into_inner();
         caller.require_write(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
+        let request = idempotency(&caller, "Put", &req.request_id, &req, |r| {
+            r.request_id.clear();
+        })?;
         let write = self.doc_write("", &req.id, &req.rev, req.body, &req.notify_aliases)?;
-        let out = self.store.write(database, write).await?;
+        let out = self.store.write(database, write, request).await?;
         Ok(Response::new(pb::PutResponse {
-            id: out.id.into_string(),
-            rev: out.rev.to_string(),
+            id: out.id,
+            rev: out.rev,
             seq: out.seq,
         }))
     }
@@ -354,16 +375,19 @@ impl SyncService for Service {
         let req = request.into_inner();
         caller.require_write(&req.database)?;
         let database = DbName::parse("database", &req.database)?;
+        let request = idempotency(&caller, "Delete", &req.request_id, &req, |r| {
+            r.request_id.clear();
+        })?;
         let write = DocWrite {
             id: DocId::parse("id", &req.id)?,
             rev: parse_optional_rev("rev", &req.rev)?,
             change: DocChange::Delete,
             aliases: Alias::parse_list("notify_aliases", &req.notify_aliases)?,
         };
-        let out = self.store.write(database, write).await?;
+        let out = self.store.write(database, write, request).await?;
         Ok(Response::new(pb::DeleteResponse {
-            id: out.id.into_string(),
-            rev: out.rev.to_string(),
+            id: out.id,
+            rev: out.rev,
             seq: out.seq,
         }))
     }
@@ -387,10 +411,13 @@ impl SyncService for Service {
             )
             .into());
         }
+        let mut request = idempotency(&caller, "BulkPut", &req.request_id, &req, |r| {
+            r.request_id.clear();
+        })?;
         let missing_ids = req.docs.iter().filter(|d| d.id.is_empty()).count();
         let mut fresh_ids = new_ids(missing_ids).into_iter();
         // Valid items go to the store; invalid ones answer in place.
-        let mut results: Vec<Option<pb::BulkPutResult>> = Vec::with_capacity(req.docs.len());
+        let mut rejected = Vec::new();
         let mut writes = Vec::with_capacity(req.docs.len());
         for (i, item) in req.docs.into_iter().enumerate() {
             let id = match item.id.is_empty() {
@@ -399,40 +426,23 @@ impl SyncService for Service {
             };
             let field = format!("docs[{i}].");
             match self.doc_write(&field, &id, &item.rev, item.body, &item.notify_aliases) {
-                Ok(w) => {
-                    writes.push(w);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(bulk_failure(id, &e))),
+                Ok(w) => writes.push(w),
+                Err(e) => rejected.push((i, ItemReply::failed(id, &e))),
             }
+        }
+        if let Some(request) = &mut request {
+            // A BulkPut succeeds as a call whatever its items' results: its
+            // reply is recorded with every item's, the rejected ones too.
+            request.whole_call_fails_with_an_item = false;
+            request.rejected = rejected.clone();
         }
         let ids: Vec<String> = writes.iter().map(|w| w.id.to_string()).collect();
         // Sent even when no item is valid, so a missing database is NOT_FOUND.
-        let mut stored = self
-            .store
-            .write_many(database, writes)
-            .await?
-            .into_iter()
-            .zip(ids);
-        let results = results
-            .into_iter()
-            .map(|slot| match slot {
-                Some(failed) => failed,
-                None => match stored.next() {
-                    Some((Ok(out), _)) => pb::BulkPutResult {
-                        id: out.id.into_string(),
-                        rev: out.rev.to_string(),
-                        seq: out.seq,
-                        ..Default::default()
-                    },
-                    Some((Err(e), id)) => bulk_failure(id, &e),
-                    None => bulk_failure(
-                        String::new(),
-                        &Error::Storage("missing result from the writer".into()),
-                    ),
-                },
-            })
-            .collect();
+        let items = match self.store.write_many(database, writes, request).await? {
+            Written::Applied(results) => ItemReply::merge(rejected, ids.into_iter().zip(&results)),
+            Written::Replayed(items) => items,
+        };
+        let results = items.into_iter().map(bulk_result).collect();
         Ok(Response::new(pb::BulkPutResponse { results }))
     }
 

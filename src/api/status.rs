@@ -75,6 +75,18 @@ impl From<Error> for Status {
                 )],
             ),
             Error::Invalid { .. } => Status::invalid_argument(message),
+            Error::RequestIdReused { request_id } => {
+                let info = tonic_types::pb::ErrorInfo {
+                    reason: "REQUEST_ID_REUSED".into(),
+                    domain: ERROR_DOMAIN.into(),
+                    metadata: HashMap::from([("request_id".to_owned(), request_id)]),
+                };
+                let details = vec![prost_types::Any {
+                    type_url: ERROR_INFO_TYPE_URL.into(),
+                    value: info.encode_to_vec(),
+                }];
+                with_details(Code::InvalidArgument, message, details)
+            }
             Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::Unauthenticated(..) | Error::Revoked(_) => {
                 crate::telemetry::count_auth_failure(&e);

@@ -16,6 +16,9 @@
 //!    gets its status (and the rich details, e.g. a conflict's current
 //!    document) in a trailers frame, not in HTTP headers.
 //!
+//! Inside these, `api::calls` measures and logs every call, and `api::guard`
+//! admits each `SyncService` call.
+//!
 //! Each streamed message is written out as it comes (hyper flushes every
 //! chunk), and a page that goes away closes its connection, which drops the
 //! call and with it the subscriber.

@@ -33,6 +33,12 @@ pub enum Error {
         current: Option<Box<Document>>,
     },
 
+    /// A request_id that already succeeded came with another request.
+    #[error(
+        "request_id {request_id:?} was already used for a different request in this database (another id, body, rev or item list); a retry must send the same request, a new write needs a new request_id. Nothing was written"
+    )]
+    RequestIdReused { request_id: String },
+
     /// Malformed input: `field` names the request field, `why` the rule.
     #[error("invalid {field}: {why}")]
     Invalid { field: String, why: String },
@@ -103,6 +109,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind of a BulkPut item's failure, as `BulkPutResult.error` says it.
+    pub fn item_kind(&self) -> &'static str {
+        match self {
+            Error::Conflict { .. } => "conflict",
+            Error::Invalid { .. } | Error::RequestIdReused { .. } => "invalid",
+            Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
+            Error::Unauthenticated(..) | Error::PermissionDenied(_) | Error::Revoked(_) => {
+                "forbidden"
+            }
+            Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
+            Error::DatabaseExists(_) => "exists",
+            Error::Unavailable(_) | Error::Busy(_) | Error::ShuttingDown { .. } => "unavailable",
+            Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
+            Error::Storage(_) | Error::Config(_) | Error::Fatal(_) => "internal",
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, why: impl Into<String>) -> Self {
         Error::Invalid {
             field: field.into(),

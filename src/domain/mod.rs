@@ -5,11 +5,13 @@
 mod body;
 mod error;
 mod names;
+mod request;
 mod revision;
 
 pub use body::{Body, BodyLimits};
 pub use error::{Credentials, Error, Result};
 pub use names::{Alias, DbName, DocId, SyncKey, new_ids, parse_attributes};
+pub use request::{Idempotency, ItemReply, RequestId};
 pub use revision::Rev;
 
 /// A live document at its current revision.

@@ -1,13 +1,16 @@
 //! Group commit, the part both backends share. A backend's writer takes
 //! every request queued on its channel (up to `max_batch`, and a byte bound)
 //! and commits them in one transaction, so N concurrent writers pay for one
-//! commit, not N. Within a batch the work is in memory: one query reads the
-//! current revision of every document the batch touches, the requests are
-//! checked and applied in order against that state (a later request sees an
-//! earlier one's write), and the results are written with a few multi-row
-//! statements. A backend supplies those statements (`Tx`) and what happens
-//! around a commit (`Engine`); the revision rules, seq assignment and
-//! counters live here once.
+//! commit, not N. Within a batch the work is in memory: the current revision
+//! of every document the batch touches is read up front (`Tx::doc_states`,
+//! once per database: one query on PostgreSQL, one cached statement per id
+//! on SQLite), the requests are checked and applied in order against that
+//! state (a later request sees an earlier one's write), and the results are
+//! written at the end, or before a database is created or deleted
+//! (`Tx::put_docs`, `put_events`, `finish`: multi-row statements on
+//! PostgreSQL, cached per-row statements on SQLite). A backend supplies
+//! those statements (`Tx`) and what happens around a commit (`Engine`); the
+//! revision rules (`check`), seq assignment and counters live here once.
 //!
 //! Invariants: seqs are assigned in request order from `State::last_seq`,
 //! and the `last_seq` counter is written in the same transaction; nothing is
@@ -20,9 +23,10 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
+use super::Written;
 use crate::domain::{
-    Alias, Body, DatabaseInfo, DbName, DocChange, DocId, DocWrite, Document, Error, Event, Result,
-    Rev, SyncKey, WriteOutcome,
+    Alias, Body, DatabaseInfo, DbName, DocChange, DocId, DocWrite, Document, Error, Event,
+    Idempotency, ItemReply, RequestId, Result, Rev, SyncKey, WriteOutcome,
 };
 
 /// Where a request's result goes: each request has its own, typed.
@@ -38,11 +42,13 @@ pub(super) enum Op {
     },
     /// Answered with the seq of the deletion event.
     DeleteDatabase { name: DbName, reply: Reply<u64> },
-    /// Answered with one result per write, in order.
+    /// Answered with one result per write, in order, or, for a request_id
+    /// that already succeeded, with the reply recorded then.
     Write {
         database: DbName,
         writes: Vec<DocWrite>,
-        reply: Reply<Vec<Result<WriteOutcome>>>,
+        request: Option<Idempotency>,
+        reply: Reply<Written>,
     },
     /// Answered with the event's seq.
     Notify {
@@ -111,16 +117,15 @@ impl Op {
     }
 }
 
-/// A request's reply with its result, sent once the batch is committed
-/// (and, on SQLite, published). Each variant pairs a reply with a result
-/// of the same type: the compiler, not a run-time check, matches them.
+/// A request's reply with its result, sent once the batch is committed and
+/// its events published (on SQLite by `deliver`; on PostgreSQL once the
+/// node's tailer has, at most 2 s later). Each variant pairs a reply with a
+/// result of the same type: the compiler, not a run-time check, matches
+/// them.
 pub(super) enum Answer {
     Database(Reply<DatabaseInfo>, Result<DatabaseInfo>),
     Deleted(Reply<u64>, Result<u64>),
-    Written(
-        Reply<Vec<Result<WriteOutcome>>>,
-        Result<Vec<Result<WriteOutcome>>>,
-    ),
+    Written(Reply<Written>, Result<Written>),
     Notified(Reply<u64>, Result<u64>),
 }
 
@@ -207,6 +212,60 @@ pub(super) struct State {
     /// Databases by name (SQLite: all of them; PostgreSQL: those the batch
     /// names, read under the batch's lock).
     pub databases: HashMap<DbName, DbRow>,
+    /// The batch's time (unix seconds), recorded with each request_id.
+    pub now_secs: i64,
+    /// Delete request_ids recorded before this time (unix seconds) in this
+    /// batch; the writer sets it now and then, not on every batch.
+    pub expire_requests_before: Option<i64>,
+}
+
+/// When the writer expires recorded request_ids: at most once a minute,
+/// those older than the retention (`--request-id-retention-secs`).
+pub(super) struct RequestExpiry {
+    keep: Duration,
+    next: std::time::Instant,
+}
+
+impl RequestExpiry {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    pub(super) fn new(keep: Duration) -> Self {
+        RequestExpiry {
+            keep,
+            next: std::time::Instant::now(),
+        }
+    }
+
+    /// Sets the batch's time, and when due what to expire with it.
+    pub(super) fn stamp(&mut self, state: &mut State) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        state.now_secs = now;
+        if std::time::Instant::now() >= self.next {
+            self.next = std::time::Instant::now() + Self::EVERY;
+            let keep = i64::try_from(self.keep.as_secs()).unwrap_or(i64::MAX);
+            state.expire_requests_before = Some(now.saturating_sub(keep));
+        }
+    }
+}
+
+/// A recorded request_id, as the batch reads it back.
+pub(super) struct StoredRequest {
+    pub fingerprint: Vec<u8>,
+    /// The recorded reply: `ItemReply`s as JSON.
+    pub reply: String,
+}
+
+/// A request_id to record, with its reply.
+pub(super) struct RequestRow {
+    pub db_id: i64,
+    pub principal: String,
+    pub request_id: RequestId,
+    pub fingerprint: [u8; 32],
+    /// `ItemReply`s as JSON.
+    pub reply: String,
+    pub created_at: i64,
 }
 
 /// A document's state as the batch sees it.
@@ -230,15 +289,28 @@ pub(super) struct DocRow {
     pub seq: u64,
 }
 
+/// How a batch changed one database's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct DbCounters {
+    pub db_id: i64,
+    /// The change in live documents.
+    pub delta: i64,
+    /// The database's new `update_seq`: the batch's last write to it.
+    pub update_seq: u64,
+}
+
 /// The counters a batch ends with, written with its commit.
 #[derive(Default)]
 pub(super) struct Tail {
     /// Per database id: the change in live documents and the new update_seq.
-    pub databases: Vec<(i64, i64, u64)>,
+    pub databases: Vec<DbCounters>,
     pub last_db_id: Option<i64>,
     pub last_seq: Option<u64>,
     /// Delete events up to this seq (and record it).
     pub prune_through: Option<u64>,
+    /// Delete request_ids recorded before this time (unix seconds), at most
+    /// `PRUNE_CHUNK` of them.
+    pub expire_requests_before: Option<i64>,
 }
 
 /// The statements of a batch, on a connection inside its transaction.
@@ -251,15 +323,25 @@ pub(super) trait Tx {
     async fn put_docs(&mut self, rows: &[DocRow]) -> Result<()>;
     async fn put_events(&mut self, events: &[Event]) -> Result<()>;
     async fn insert_database(&mut self, id: i64, info: &DatabaseInfo) -> Result<()>;
-    /// Deletes a database row and its documents.
+    /// Deletes a database row, its documents and its recorded request_ids.
     async fn delete_database(&mut self, id: i64) -> Result<()>;
+    /// The recorded request_id of `principal` in database `db_id`, if any.
+    async fn request(
+        &mut self,
+        db_id: i64,
+        principal: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<StoredRequest>>;
+    /// Records request_ids with their replies.
+    async fn put_requests(&mut self, rows: &[RequestRow]) -> Result<()>;
     /// Writes the counters and commits.
     async fn finish(&mut self, tail: Tail) -> Result<()>;
 }
 
 /// What a backend does around the shared batching loop.
 pub(super) trait Engine {
-    /// Commits one batch and answers its requests; false if it failed.
+    /// Commits one batch and has its requests answered (once its events are
+    /// published); false if it failed.
     async fn commit(&mut self, ops: Vec<Queued>) -> bool;
     /// The most request bytes (`Op::approx_bytes`) taken into one batch.
     fn batch_bytes(&self) -> usize;
@@ -404,13 +486,14 @@ pub(super) fn failing_all(answers: Vec<Answer>, error: impl Fn() -> Error) -> Ve
 }
 
 /// Most events deleted in one batch, so pruning never stalls writers.
-const PRUNE_CHUNK: u64 = 10_000;
+pub(super) const PRUNE_CHUNK: u64 = 10_000;
 
 /// Runs `ops` as one batch on `tx`, inside a transaction the caller began,
 /// and commits it (`Tx::finish`). Pushes one answer per op to `answers`
 /// (in order) and fills `events` with what to publish. On error nothing is
 /// committed, `answers` still holds one answer per op (to be failed with
-/// `fail_all`), and `state` must be thrown away (or restored) by the caller.
+/// `failing_all`), and `state` must be thrown away (or restored) by the
+/// caller.
 pub(super) async fn apply<T: Tx>(
     tx: &mut T,
     state: &mut State,
@@ -444,18 +527,14 @@ pub(super) async fn apply<T: Tx>(
     batch.flush().await?;
     let state = &mut *batch.state;
     let mut tail = Tail {
-        databases: batch
-            .pending
-            .counters
-            .iter()
-            .map(|(id, (delta, seq))| (*id, *delta, *seq))
-            .collect(),
+        databases: batch.pending.counters.values().copied().collect(),
         ..Tail::default()
     };
-    tail.databases.sort_unstable_by_key(|(id, _, _)| *id);
+    tail.databases.sort_unstable_by_key(|c| c.db_id);
     if state.last_db_id != db_id_before {
         tail.last_db_id = Some(state.last_db_id);
     }
+    tail.expire_requests_before = state.expire_requests_before.take();
     if state.last_seq != seq_before {
         tail.last_seq = Some(state.last_seq);
         tail.prune_through = prune_target(state);
@@ -472,7 +551,7 @@ pub(super) async fn apply<T: Tx>(
 fn count_outcomes(answers: &[Answer]) {
     let (mut written, mut conflicts) = (0u64, 0u64);
     for answer in answers {
-        if let Answer::Written(_, Ok(items)) = answer {
+        if let Answer::Written(_, Ok(Written::Applied(items))) = answer {
             for item in items {
                 match item {
                     Ok(_) => written += 1,
@@ -515,8 +594,16 @@ struct Pending {
     rows: Vec<DocRow>,
     events: Vec<Event>,
     /// Per database: the change in live documents and the highest seq.
-    counters: HashMap<i64, (i64, u64)>,
+    counters: HashMap<i64, DbCounters>,
+    /// request_ids this batch recorded, by (database id, principal, id):
+    /// their fingerprint and reply (a duplicate later in the batch finds
+    /// them here).
+    requests: HashMap<RequestKey, ([u8; 32], Vec<ItemReply>)>,
+    request_rows: Vec<RequestRow>,
 }
+
+/// A recorded request_id's key: (database id, principal, request_id).
+type RequestKey = (i64, String, RequestId);
 
 struct Batch<'a, T> {
     tx: &'a mut T,
@@ -555,8 +642,9 @@ impl<T: Tx> Batch<'_, T> {
             Op::Write {
                 database,
                 writes,
+                request,
                 reply,
-            } => Answer::Written(reply, self.write_docs(&database, writes).await),
+            } => Answer::Written(reply, self.write_docs(&database, writes, request).await),
             Op::Notify {
                 sync_key,
                 aliases,
@@ -579,8 +667,8 @@ impl<T: Tx> Batch<'_, T> {
         }
     }
 
-    /// Reads, in one query per database, the current revision of every
-    /// document the batch's writes touch.
+    /// Reads, with one `Tx::doc_states` call per database, the current
+    /// revision of every document the batch's writes touch.
     async fn prefetch(&mut self, ops: &[Op]) -> Result<()> {
         let mut wanted: HashMap<i64, Vec<&DocId>> = HashMap::new();
         for op in ops {
@@ -628,18 +716,30 @@ impl<T: Tx> Batch<'_, T> {
         Ok(state)
     }
 
-    /// Applies document writes in order, each on its own.
+    /// Applies document writes in order, each on its own; with a
+    /// request_id, answers a retry from its record instead, and records a
+    /// first success.
     async fn write_docs(
         &mut self,
         database: &DbName,
         writes: Vec<DocWrite>,
-    ) -> Result<Vec<Result<WriteOutcome>>> {
+        request: Option<Idempotency>,
+    ) -> Result<Written> {
         let db = self
             .state
             .databases
             .get(database)
             .cloned()
             .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+        if let Some(request) = &request
+            && let Some(items) = self.recorded(db.id, request).await?
+        {
+            return Ok(Written::Replayed(items));
+        }
+        let ids: Vec<String> = match request {
+            Some(_) => writes.iter().map(|w| w.id.to_string()).collect(),
+            None => Vec::new(),
+        };
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
             let current = self.current(db.id, &write.id).await?;
@@ -650,7 +750,73 @@ impl<T: Tx> Batch<'_, T> {
             };
             results.push(result);
         }
-        Ok(results)
+        if let Some(request) = request {
+            self.record(db.id, request, ids, &results)?;
+        }
+        Ok(Written::Applied(results))
+    }
+
+    /// The reply recorded for `request` (by this batch or an earlier one),
+    /// if its request_id was used before in this database by this
+    /// principal: a retry of it, or `RequestIdReused` if the request
+    /// differs.
+    async fn recorded(
+        &mut self,
+        db_id: i64,
+        request: &Idempotency,
+    ) -> Result<Option<Vec<ItemReply>>> {
+        let key = (db_id, request.principal.clone(), request.request_id.clone());
+        let (same, items) = match self.pending.requests.get(&key) {
+            Some((fingerprint, items)) => (*fingerprint == request.fingerprint, items.clone()),
+            None => {
+                let stored = self
+                    .tx
+                    .request(db_id, &request.principal, &request.request_id)
+                    .await?;
+                let Some(stored) = stored else {
+                    return Ok(None);
+                };
+                let items: Vec<ItemReply> =
+                    serde_json::from_str(&stored.reply).map_err(|e| Error::Storage(Box::new(e)))?;
+                (stored.fingerprint == request.fingerprint, items)
+            }
+        };
+        if !same {
+            return Err(Error::RequestIdReused {
+                request_id: request.request_id.as_str().to_owned(),
+            });
+        }
+        metrics::counter!(crate::telemetry::REQUESTS_DEDUPLICATED).increment(1);
+        Ok(Some(items))
+    }
+
+    /// Records the reply of a request with a request_id, unless the call
+    /// failed (a Put or Delete whose write failed): written with the batch.
+    fn record(
+        &mut self,
+        db_id: i64,
+        request: Idempotency,
+        ids: Vec<String>,
+        results: &[Result<WriteOutcome>],
+    ) -> Result<()> {
+        if request.whole_call_fails_with_an_item && results.iter().any(Result::is_err) {
+            return Ok(());
+        }
+        let items = ItemReply::merge(request.rejected, ids.into_iter().zip(results));
+        let reply = serde_json::to_string(&items).map_err(|e| Error::Storage(Box::new(e)))?;
+        self.pending.request_rows.push(RequestRow {
+            db_id,
+            principal: request.principal.clone(),
+            request_id: request.request_id.clone(),
+            fingerprint: request.fingerprint,
+            reply,
+            created_at: self.state.now_secs,
+        });
+        self.pending.requests.insert(
+            (db_id, request.principal, request.request_id),
+            (request.fingerprint, items),
+        );
+        Ok(())
     }
 
     /// The conflict `write` ran into, with the document as it is now when
@@ -740,9 +906,12 @@ impl<T: Tx> Batch<'_, T> {
             body,
             seq,
         });
-        let counters = self.pending.counters.entry(db.id).or_default();
-        counters.0 += delta;
-        counters.1 = seq;
+        let counters = self.pending.counters.entry(db.id).or_insert(DbCounters {
+            db_id: db.id,
+            ..DbCounters::default()
+        });
+        counters.delta += delta;
+        counters.update_seq = seq;
         WriteOutcome {
             id: write.id,
             rev,
@@ -764,6 +933,10 @@ impl<T: Tx> Batch<'_, T> {
         let new_events = std::mem::take(&mut self.pending.events);
         if !new_events.is_empty() {
             self.tx.put_events(&new_events).await?;
+        }
+        let requests = std::mem::take(&mut self.pending.request_rows);
+        if !requests.is_empty() {
+            self.tx.put_requests(&requests).await?;
         }
         self.events.extend(new_events);
         Ok(())
@@ -813,6 +986,9 @@ impl<T: Tx> Batch<'_, T> {
         self.pending.docs.retain(|(db_id, _), _| *db_id != db.id);
         self.pending.prefetched.remove(&db.id);
         self.pending.counters.remove(&db.id);
+        self.pending
+            .requests
+            .retain(|(db_id, _, _), _| *db_id != db.id);
         let seq = self.next_seq();
         self.pending.events.push(Event {
             seq,
@@ -912,6 +1088,8 @@ mod tests {
         body_reads: usize,
         /// Fail `put_docs` with a storage error.
         broken: bool,
+        /// Recorded request_ids: (db, principal, id) -> (fingerprint, reply).
+        requests: HashMap<(i64, String, String), (Vec<u8>, String)>,
     }
 
     impl Tx for FakeTx {
@@ -981,6 +1159,36 @@ mod tests {
             Ok(())
         }
 
+        async fn request(
+            &mut self,
+            db_id: i64,
+            principal: &str,
+            request_id: &RequestId,
+        ) -> Result<Option<StoredRequest>> {
+            let key = (db_id, principal.to_owned(), request_id.as_str().to_owned());
+            Ok(self
+                .requests
+                .get(&key)
+                .map(|(fingerprint, reply)| StoredRequest {
+                    fingerprint: fingerprint.clone(),
+                    reply: reply.clone(),
+                }))
+        }
+
+        async fn put_requests(&mut self, rows: &[RequestRow]) -> Result<()> {
+            for r in rows {
+                let key = (
+                    r.db_id,
+                    r.principal.clone(),
+                    r.request_id.as_str().to_owned(),
+                );
+                assert!(!self.requests.contains_key(&key), "recorded twice: {key:?}");
+                self.requests
+                    .insert(key, (r.fingerprint.to_vec(), r.reply.clone()));
+            }
+            Ok(())
+        }
+
         async fn finish(&mut self, tail: Tail) -> Result<()> {
             self.tails.push(tail);
             Ok(())
@@ -1002,6 +1210,8 @@ mod tests {
                     sync_key: SyncKey::parse("k", "cars").unwrap(),
                 },
             )]),
+            now_secs: 1_000,
+            expire_requests_before: None,
         }
     }
 
@@ -1043,22 +1253,23 @@ mod tests {
 
     type Items = Vec<Result<WriteOutcome>>;
 
-    /// Runs one batch of Write ops (one per entry of `ops`) on `tx`; each
-    /// op's result.
-    async fn writes(
+    /// Runs one batch of Write ops (one per entry of `ops`, with its
+    /// request_id, if any) on `tx`; each op's result.
+    async fn requests(
         tx: &mut FakeTx,
         state: &mut State,
-        ops: Vec<Vec<DocWrite>>,
-    ) -> Vec<Result<Items>> {
+        ops: Vec<(Vec<DocWrite>, Option<Idempotency>)>,
+    ) -> Vec<Result<Written>> {
         let mut receivers = Vec::new();
         let ops = ops
             .into_iter()
-            .map(|writes| {
+            .map(|(writes, request)| {
                 let (reply, rx) = oneshot::channel();
                 receivers.push(rx);
                 Op::Write {
                     database: db(),
                     writes,
+                    request,
                     reply,
                 }
             })
@@ -1071,6 +1282,23 @@ mod tests {
         receivers
             .into_iter()
             .map(|mut rx| rx.try_recv().unwrap())
+            .collect()
+    }
+
+    /// Runs one batch of Write ops without request_ids; each op's results.
+    async fn writes(
+        tx: &mut FakeTx,
+        state: &mut State,
+        ops: Vec<Vec<DocWrite>>,
+    ) -> Vec<Result<Items>> {
+        let ops = ops.into_iter().map(|w| (w, None)).collect();
+        requests(tx, state, ops)
+            .await
+            .into_iter()
+            .map(|r| match r? {
+                Written::Applied(items) => Ok(items),
+                Written::Replayed(_) => panic!("replayed without a request_id"),
+            })
             .collect()
     }
 
@@ -1179,7 +1407,7 @@ mod tests {
         let deltas: Vec<i64> = tx
             .tails
             .iter()
-            .filter_map(|t| t.databases.first().map(|d| d.1))
+            .filter_map(|t| t.databases.first().map(|d| d.delta))
             .collect();
         assert_eq!(deltas, [1, -1, 1, 0]);
     }
@@ -1232,6 +1460,7 @@ mod tests {
         let op = Op::Write {
             database: DbName::parse("d", "boats").unwrap(),
             writes: vec![put("x", None, 1)],
+            request: None,
             reply,
         };
         let (mut events, mut answers) = (Vec::new(), Vec::new());
@@ -1254,6 +1483,7 @@ mod tests {
                 Op::Write {
                     database: db(),
                     writes: vec![put(&format!("d{i}"), None, i)],
+                    request: None,
                     reply,
                 }
             })
@@ -1317,6 +1547,7 @@ mod tests {
                         change: DocChange::Put(body),
                         aliases: Vec::new(),
                     }],
+                    request: None,
                     reply,
                 },
                 permit: None,
@@ -1330,5 +1561,135 @@ mod tests {
         assert_eq!(batch_end(&batch, 3 * each), 3);
         assert_eq!(batch_end(&batch, 2 * each), 2);
         assert_eq!(batch_end(&batch, 1), 1, "one command even over the bound");
+    }
+
+    fn request_id(id: &str, fingerprint: u8, single: bool) -> Option<Idempotency> {
+        Some(Idempotency {
+            principal: "alice".into(),
+            request_id: RequestId::parse("request_id", id).unwrap().unwrap(),
+            fingerprint: [fingerprint; 32],
+            whole_call_fails_with_an_item: single,
+            rejected: Vec::new(),
+        })
+    }
+
+    fn applied(result: &Result<Written>) -> Vec<String> {
+        match result {
+            Ok(Written::Applied(items)) => items.iter().map(show).collect(),
+            other => panic!("expected applied, got {other:?}"),
+        }
+    }
+
+    fn replayed(result: &Result<Written>) -> Vec<String> {
+        match result {
+            Ok(Written::Replayed(items)) => items
+                .iter()
+                .map(|i| {
+                    let generation = i.rev.split('-').next().unwrap_or_default();
+                    format!("{} g{generation} s{} {}", i.id, i.seq, i.error)
+                })
+                .collect(),
+            other => panic!("expected replayed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_id_is_executed_once_and_its_reply_replayed() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        // The same Put three times in one batch: one write, two replays.
+        let results = requests(
+            &mut tx,
+            &mut st,
+            vec![
+                (vec![put("x", None, 1)], request_id("r1", 7, true)),
+                (vec![put("x", None, 1)], request_id("r1", 7, true)),
+                (vec![put("x", None, 1)], request_id("r1", 7, true)),
+            ],
+        )
+        .await;
+        assert_eq!(applied(&results[0]), ["ok g1 s1"]);
+        assert_eq!(replayed(&results[1]), ["x g1 s1 "]);
+        assert_eq!(replayed(&results[2]), ["x g1 s1 "]);
+        assert_eq!(tx.events.len(), 1);
+        assert_eq!(tx.requests.len(), 1);
+        // In a later batch, from the record; nothing written, no seq used.
+        let results = requests(
+            &mut tx,
+            &mut st,
+            vec![(vec![put("x", None, 1)], request_id("r1", 7, true))],
+        )
+        .await;
+        assert_eq!(replayed(&results[0]), ["x g1 s1 "]);
+        assert_eq!((st.last_seq, tx.events.len()), (1, 1));
+        // The same id with another request: refused, nothing written.
+        let results = requests(
+            &mut tx,
+            &mut st,
+            vec![(vec![put("y", None, 2)], request_id("r1", 8, true))],
+        )
+        .await;
+        assert!(
+            matches!(&results[0], Err(Error::RequestIdReused { request_id }) if request_id == "r1"),
+            "{:?}",
+            results[0]
+        );
+        assert_eq!((st.last_seq, tx.events.len()), (1, 1));
+        // Another principal's id is its own.
+        let mut bobs = request_id("r1", 8, true);
+        bobs.as_mut().unwrap().principal = "bob".into();
+        let results = requests(&mut tx, &mut st, vec![(vec![put("y", None, 2)], bobs)]).await;
+        assert_eq!(applied(&results[0]), ["ok g1 s2"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_put_records_nothing_and_a_bulk_put_records_its_failed_items() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        write(&mut tx, &mut st, put("x", None, 1)).await.unwrap();
+        // A conflicting Put: failed, not recorded; the id stays free.
+        let results = requests(
+            &mut tx,
+            &mut st,
+            vec![(vec![put("x", None, 2)], request_id("p", 1, true))],
+        )
+        .await;
+        assert_eq!(applied(&results[0]), ["conflict current=g1 body={\"n\":1}"]);
+        assert!(tx.requests.is_empty());
+        let x1 = Rev::next(None, false, &body(1));
+        let results = requests(
+            &mut tx,
+            &mut st,
+            vec![(vec![put("x", Some(&x1), 2)], request_id("p", 2, true))],
+        )
+        .await;
+        assert_eq!(applied(&results[0]), ["ok g2 s2"]);
+
+        // A BulkPut: its conflict and a rejected item are part of the reply.
+        let mut bulk = request_id("b", 3, false);
+        bulk.as_mut().unwrap().rejected = vec![(
+            1,
+            ItemReply::failed("bad".into(), &Error::invalid("docs[1].body", "missing")),
+        )];
+        let items = vec![put("new", None, 3), put("x", None, 4)];
+        let results = requests(&mut tx, &mut st, vec![(items.clone(), bulk.clone())]).await;
+        assert_eq!(
+            applied(&results[0]),
+            ["ok g1 s3", "conflict current=g2 body={\"n\":2}"]
+        );
+        let results = requests(&mut tx, &mut st, vec![(items, bulk)]).await;
+        assert_eq!(
+            replayed(&results[0]),
+            ["new g1 s3 ", "bad g s0 invalid", "x g s0 conflict"]
+        );
+        assert_eq!(st.last_seq, 3);
+    }
+
+    #[tokio::test]
+    async fn expired_request_ids_are_deleted_with_the_batch() {
+        let (mut tx, mut st) = (FakeTx::default(), state());
+        st.expire_requests_before = Some(500);
+        write(&mut tx, &mut st, put("x", None, 1)).await.unwrap();
+        assert_eq!(tx.tails[0].expire_requests_before, Some(500));
+        write(&mut tx, &mut st, put("y", None, 1)).await.unwrap();
+        assert_eq!(tx.tails[1].expire_requests_before, None, "once, when due");
     }
 }

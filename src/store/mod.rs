@@ -1,9 +1,13 @@
 //! Durable storage behind one interface, on one of two backends chosen by
 //! `--db`: SQLite (a path or `sqlite:` URL, the embedded default) or
 //! PostgreSQL (a `postgres://` URL, shared by several nodes). Writes go
-//! through one writer task per process, which batches queued requests into
-//! one transaction (`batch`); reads go to the backend's pool. No sqlx type
-//! leaves this module, and nothing above it knows which backend it talks to.
+//! through one writer per process (a thread of its own on SQLite, a task on
+//! PostgreSQL), which batches queued requests into one transaction
+//! (`batch`); reads go to the backend's `ReadPath`. The boundary is this
+//! file: `Store` with its typed queries, `EventLog` (what the hub reads)
+//! and `Publish` (where committed events go); `Store::open` is the only
+//! place that picks a backend. No sqlx or rusqlite type leaves this module,
+//! and nothing above it knows which backend it talks to.
 
 mod batch;
 mod postgres;
@@ -23,15 +27,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
-    Alias, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Result, Rev,
-    SyncKey, WriteOutcome,
+    Alias, Change, DatabaseInfo, DbName, DocId, DocWrite, Document, Error, Event, Idempotency,
+    ItemReply, Result, Rev, SyncKey, WriteOutcome,
 };
 use batch::{Command, Op, Reply};
 
 /// Where committed events go (the hub). Must not block.
 pub trait Publish: Send + Sync {
-    /// Called with the events of each committed batch, in seq order, before
-    /// the writes are acknowledged.
+    /// Called with committed events, in seq order, each once, before the
+    /// writes are acknowledged (on SQLite a batch's events; on PostgreSQL
+    /// what the tailer read, which a node's writer waits for, at most 2 s).
     fn publish(&self, events: &[Event]);
     /// Events up to `through` were pruned from the log before this node
     /// could publish them (a PostgreSQL node whose tailer fell behind the
@@ -154,6 +159,17 @@ macro_rules! read_path_delegates {
 }
 use read_path_delegates;
 
+/// What a write call got.
+#[derive(Debug)]
+pub enum Written {
+    /// Executed now: one result per write sent, in order.
+    Applied(Vec<Result<WriteOutcome>>),
+    /// A retry of a request (same request_id, same request) that already
+    /// succeeded: its reply as recorded then, one item per item of the
+    /// request, rejected ones included. Nothing was written.
+    Replayed(Vec<ItemReply>),
+}
+
 /// A page of the event log, read in one snapshot.
 #[derive(Debug)]
 pub struct EventPage {
@@ -252,8 +268,8 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// How many of the newest events the log keeps for replay.
     pub retain_events: u64,
-    /// Bytes of write requests (bodies, roughly) queued for or being
-    /// committed by the writer; more callers wait for room.
+    /// Bytes of large write requests (over 64 KiB, bodies roughly) queued
+    /// for or being committed by the writer; more callers wait for room.
     pub writer_queue_bytes: usize,
     /// The WAL is kept under this size (SQLite): the writer restarts it
     /// between batches once it passes half of it, and batches are cut to a
@@ -267,6 +283,9 @@ pub struct StoreOptions {
     /// How often a PostgreSQL node reads the event log when no wake-up hint
     /// arrived (the fallback for a missed NOTIFY).
     pub pg_poll_interval: Duration,
+    /// How long a request_id's reply is kept (at least); older ones are
+    /// deleted by the writer, a chunk at a time.
+    pub request_id_retention: Duration,
 }
 
 /// The start of a Changes page: which instance of the database it reads.
@@ -287,7 +306,8 @@ pub struct Store {
     /// SQLite always does).
     reachable: watch::Receiver<bool>,
     writer: mpsc::Sender<Command>,
-    /// Bytes of requests queued for the writer (`writer_queue_bytes`).
+    /// Bytes of large requests queued for the writer (`writer_queue_bytes`;
+    /// see `run`).
     writer_bytes: Arc<Semaphore>,
     writer_queue_bytes: usize,
     /// Every task the store started, joined by `close`.
@@ -333,8 +353,8 @@ impl From<sqlx::migrate::MigrateError> for Error {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database, then starts the
-    /// writer and the backend's other tasks. `publish` receives every
-    /// committed event, in seq order.
+    /// writer and the backend's other tasks: the one place that picks a
+    /// backend. `publish` receives every committed event, in seq order.
     pub async fn open(options: StoreOptions, publish: Publisher) -> Result<Store> {
         let (tx, rx) = mpsc::channel(options.writer_queue.max(1));
         let wiring = Wiring {
@@ -447,27 +467,40 @@ impl Store {
         self.run(|reply| Op::DeleteDatabase { name, reply }).await
     }
 
-    /// Writes one document.
-    pub async fn write(&self, database: DbName, write: DocWrite) -> Result<WriteOutcome> {
-        let mut results = self.write_many(database, vec![write]).await?;
-        match (results.pop(), results.is_empty()) {
-            (Some(result), true) => result,
-            _ => Err(Error::Storage(
-                "the writer answered one write with other than one result".into(),
-            )),
+    /// Writes one document (a Put or a Delete); with a request_id, a retry
+    /// of a write that succeeded gets its recorded reply.
+    pub async fn write(
+        &self,
+        database: DbName,
+        write: DocWrite,
+        request: Option<Idempotency>,
+    ) -> Result<ItemReply> {
+        let one = |n: usize| {
+            Error::Storage(format!("the writer answered one write with {n} results").into())
+        };
+        match self.write_many(database, vec![write], request).await? {
+            Written::Applied(mut results) if results.len() == 1 => results
+                .pop()
+                .ok_or_else(|| one(0))?
+                .map(|out| ItemReply::written(&out)),
+            Written::Replayed(mut items) if items.len() == 1 => items.pop().ok_or_else(|| one(0)),
+            Written::Applied(r) => Err(one(r.len())),
+            Written::Replayed(r) => Err(one(r.len())),
         }
     }
 
     /// Writes several documents in one transaction, each independently: one
-    /// result per write, in order.
+    /// result per write, in order (or a retry's recorded reply).
     pub async fn write_many(
         &self,
         database: DbName,
         writes: Vec<DocWrite>,
-    ) -> Result<Vec<Result<WriteOutcome>>> {
+        request: Option<Idempotency>,
+    ) -> Result<Written> {
         self.run(|reply| Op::Write {
             database,
             writes,
+            request,
             reply,
         })
         .await

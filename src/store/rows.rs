@@ -1,14 +1,17 @@
 //! Rows into domain values, once per row type, by column name, for every
 //! driver: sqlx's SQLite and PostgreSQL rows and rusqlite's (the SQLite
 //! writer and replay reader). Each query selects the columns its row type
-//! names; the decoders here are the only code that reads a column. Must not:
-//! read a column by position, or build a domain value from a row elsewhere.
+//! names; the decoders here are the only code that turns a row into a value
+//! (elsewhere only a query's own bookkeeping column is read, by name through
+//! `Columns`: a batched Get's `n`, the tailer's `pruned_through`). Must not:
+//! read a table's column by position, or build a domain value from a row
+//! elsewhere.
 
 use std::collections::BTreeMap;
 
 use sqlx::Row;
 
-use super::batch::{Current, DbRow};
+use super::batch::{Current, DbRow, StoredRequest};
 use super::{parse_stored_rev as stored_rev, to_u64};
 use crate::domain::{
     Alias, Body, Change, DatabaseInfo, DbName, DocId, Document, Error, Event, Result, SyncKey,
@@ -19,6 +22,7 @@ pub(super) trait Columns {
     fn int(&self, name: &str) -> Result<i64>;
     fn flag(&self, name: &str) -> Result<bool>;
     fn text(&self, name: &str) -> Result<&str>;
+    fn bytes(&self, name: &str) -> Result<&[u8]>;
     /// NULL is `None` (a LEFT JOIN that found nothing, a body not asked for).
     fn opt_int(&self, name: &str) -> Result<Option<i64>>;
     fn opt_flag(&self, name: &str) -> Result<Option<bool>>;
@@ -36,6 +40,9 @@ macro_rules! sqlx_columns {
                 Ok(self.try_get(name)?)
             }
             fn text(&self, name: &str) -> Result<&str> {
+                Ok(self.try_get(name)?)
+            }
+            fn bytes(&self, name: &str) -> Result<&[u8]> {
                 Ok(self.try_get(name)?)
             }
             fn opt_int(&self, name: &str) -> Result<Option<i64>> {
@@ -64,6 +71,11 @@ impl Columns for rusqlite::Row<'_> {
     fn text(&self, name: &str) -> Result<&str> {
         self.get_ref(name)?
             .as_str()
+            .map_err(|e| Error::Storage(Box::new(e)))
+    }
+    fn bytes(&self, name: &str) -> Result<&[u8]> {
+        self.get_ref(name)?
+            .as_blob()
             .map_err(|e| Error::Storage(Box::new(e)))
     }
     fn opt_int(&self, name: &str) -> Result<Option<i64>> {
@@ -196,6 +208,14 @@ pub(super) fn change(row: &impl Columns) -> Result<Change> {
             .opt_text("body")?
             .map(Body::from_canonical_json)
             .transpose()?,
+    })
+}
+
+/// A recorded request_id: `requests(fingerprint, reply)`.
+pub(super) fn request(row: &impl Columns) -> Result<StoredRequest> {
+    Ok(StoredRequest {
+        fingerprint: row.bytes("fingerprint")?.to_vec(),
+        reply: row.text("reply")?.to_owned(),
     })
 }
 

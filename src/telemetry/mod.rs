@@ -9,7 +9,8 @@
 //!   `api::calls` (it sees tonic; this module does not).
 //!
 //! Without `--metrics-listen` no recorder is installed and every metric
-//! call is a no-op; the request logs stay. Must not: know gRPC or tonic.
+//! call is a no-op; the request logs stay. Must not: see tonic (it only
+//! names the gRPC metrics; `api::calls` records them).
 
 mod endpoint;
 
@@ -39,6 +40,7 @@ pub const SUBSCRIBER_OVERFLOWS: &str = "agsync_subscriber_overflows_total";
 pub const SUBSCRIBER_CATCHUPS: &str = "agsync_subscriber_catchups_total";
 pub const REPLAYED_EVENTS: &str = "agsync_replayed_events_total";
 pub const LOG_GAPS: &str = "agsync_log_gaps_total";
+pub const REQUESTS_DEDUPLICATED: &str = "agsync_requests_deduplicated_total";
 pub const AUTH_FAILURES: &str = "agsync_auth_failures_total";
 pub const PG_POOL_CONNECTIONS: &str = "agsync_pg_pool_connections";
 pub const BUILD_INFO: &str = "agsync_build_info";
@@ -89,6 +91,7 @@ pub fn install() -> PrometheusHandle {
                 SUBSCRIBER_CATCHUPS,
                 REPLAYED_EVENTS,
                 LOG_GAPS,
+                REQUESTS_DEDUPLICATED,
             ] {
                 metrics::counter!(name).absolute(0);
             }
@@ -166,6 +169,10 @@ fn describe() {
     describe_counter!(
         LOG_GAPS,
         "Times this node found events pruned from the log before it could publish them (a PostgreSQL node whose tailer fell behind --retain-events): its subscribers were told OUT_OF_RANGE instead of skipping them."
+    );
+    describe_counter!(
+        REQUESTS_DEDUPLICATED,
+        "Put, Delete and BulkPut calls answered from the record of their request_id (a retry of a request that already succeeded): nothing was written again."
     );
     describe_counter!(
         AUTH_FAILURES,

@@ -19,6 +19,7 @@ async fn bulk(
     docs: Vec<BulkPutItem>,
 ) -> Result<Vec<BulkPutResult>, tonic::Status> {
     c.bulk_put(BulkPutRequest {
+        request_id: String::new(),
         database: db.into(),
         docs,
     })

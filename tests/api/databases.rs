@@ -44,6 +44,7 @@ async fn create_list_and_delete() {
     let a = put(&mut c, "cars", "a", "", json!({"n": 1})).await.unwrap();
     let b = put(&mut c, "cars", "b", "", json!({"n": 2})).await.unwrap();
     c.delete(agsync::pb::DeleteRequest {
+        request_id: String::new(),
         database: "cars".into(),
         id: "a".into(),
         rev: a.rev,

@@ -123,6 +123,7 @@ async fn delete_leaves_tombstone_and_recreate_continues_generation() {
         .await
         .unwrap();
     let del = |rev: &str| DeleteRequest {
+        request_id: String::new(),
         database: "db".into(),
         id: "x".into(),
         rev: rev.into(),
@@ -278,6 +279,7 @@ async fn bad_writes_are_rejected_and_change_nothing() {
         deep = json!({ "d": deep });
     }
     let req = |db: &str, id: &str, rev: &str, b: Option<prost_types::Struct>| PutRequest {
+        request_id: String::new(),
         database: db.into(),
         id: id.into(),
         rev: rev.into(),

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agsync::config::Config;
@@ -147,6 +148,40 @@ pub struct ProcessServer {
     /// Where `/metrics` is served, with `--metrics-listen`.
     pub metrics_addr: Option<SocketAddr>,
     child: tokio::process::Child,
+    /// The newest lines the server logged (see `logged`).
+    log: Arc<ServerLog>,
+}
+
+/// The newest `ServerLog::KEEP` lines of a server's stderr, and a wake-up
+/// for each new one.
+#[derive(Default)]
+struct ServerLog {
+    lines: std::sync::Mutex<std::collections::VecDeque<String>>,
+    added: tokio::sync::Notify,
+}
+
+impl ServerLog {
+    const KEEP: usize = 10_000;
+
+    fn push(&self, line: String) {
+        let mut lines = self.lines.lock().unwrap();
+        if lines.len() == Self::KEEP {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+        drop(lines);
+        self.added.notify_waiters();
+    }
+
+    /// How many lines so far contain `needle`.
+    fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
 }
 
 impl ProcessServer {
@@ -216,11 +251,18 @@ impl ProcessServer {
         .await
         .expect("agsync starts within 30 s");
         // Keep draining stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let log = Arc::new(ServerLog::default());
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.push(line);
+            }
+        });
         ProcessServer {
             addr,
             metrics_addr,
             child,
+            log,
         }
     }
 
@@ -237,6 +279,24 @@ impl ProcessServer {
             .status()
             .expect("run kill");
         assert!(status.success());
+    }
+
+    /// Runs `action` (a signal, say), then waits (10 s at most) until the
+    /// server logs one more line containing `needle` than it had before.
+    pub async fn logs_after(&self, needle: &str, action: impl FnOnce()) {
+        let before = self.log.count(needle);
+        action();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let added = self.log.added.notified();
+                if self.log.count(needle) > before {
+                    return;
+                }
+                added.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the server did not log {needle:?} within 10 s"));
     }
 
     /// Waits for the process to exit by itself, at most `within`.
@@ -325,6 +385,7 @@ pub async fn put(
 ) -> Result<pb::PutResponse, Status> {
     client
         .put(PutRequest {
+            request_id: String::new(),
             database: db.into(),
             id: id.into(),
             rev: rev.into(),

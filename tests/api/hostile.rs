@@ -244,6 +244,7 @@ async fn streams_that_never_read_do_not_hurt_others() {
         let results = tokio::time::timeout(
             Duration::from_secs(10),
             c.bulk_put(pb::BulkPutRequest {
+                request_id: String::new(),
                 database: "db".into(),
                 docs,
             }),

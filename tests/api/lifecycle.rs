@@ -112,6 +112,7 @@ async fn shutdown_during_a_replay_names_the_since_that_resumes_exactly() {
             })
             .collect();
         c.bulk_put(BulkPutRequest {
+            request_id: String::new(),
             database: "db".into(),
             docs,
         })

@@ -25,6 +25,7 @@ async fn fill(c: &mut Client, db: &str, n: usize, bytes: usize) {
             .collect();
         let r = c
             .bulk_put(BulkPutRequest {
+                request_id: String::new(),
                 database: db.into(),
                 docs,
             })
@@ -261,6 +262,7 @@ async fn large_requests_past_the_budget_are_refused_and_succeed_on_retry() {
                     .collect();
                 match c
                     .bulk_put(BulkPutRequest {
+                        request_id: String::new(),
                         database: "bulk".into(),
                         docs,
                     })

@@ -13,6 +13,7 @@ mod databases;
 mod documents;
 mod durability;
 mod hostile;
+mod idempotency;
 mod lifecycle;
 mod limits;
 mod metrics;

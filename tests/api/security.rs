@@ -128,6 +128,7 @@ async fn call(c: &mut Client, rpc: Rpc, auth: Option<&str>) -> Code {
         Rpc::Put => code(
             c.put(with_token(
                 PutRequest {
+                    request_id: String::new(),
                     database: "cars".into(),
                     id: "p".into(),
                     rev: String::new(),
@@ -153,6 +154,7 @@ async fn call(c: &mut Client, rpc: Rpc, auth: Option<&str>) -> Code {
         Rpc::Delete => code(
             c.delete(with_token(
                 DeleteRequest {
+                    request_id: String::new(),
                     database: "cars".into(),
                     id: "gone".into(),
                     rev: String::new(),
@@ -166,6 +168,7 @@ async fn call(c: &mut Client, rpc: Rpc, auth: Option<&str>) -> Code {
         Rpc::BulkPut => code(
             c.bulk_put(with_token(
                 BulkPutRequest {
+                    request_id: String::new(),
                     database: "cars".into(),
                     docs: vec![BulkPutItem {
                         id: String::new(),
@@ -227,6 +230,7 @@ async fn auth_matrix() {
     for id in ["seed", "gone"] {
         c.put(with_token(
             PutRequest {
+                request_id: String::new(),
                 database: "cars".into(),
                 id: id.into(),
                 rev: String::new(),
@@ -287,6 +291,7 @@ async fn denials_say_which_grant_is_missing_and_nothing_else() {
     let status = c
         .put(with_token(
             PutRequest {
+                request_id: String::new(),
                 database: "cars".into(),
                 id: "x".into(),
                 rev: String::new(),
@@ -816,8 +821,12 @@ async fn sighup_rotates_tokens_without_a_restart() {
 
     // A broken file is refused; Carol keeps working.
     std::fs::write(&auth, "this is not toml [[").unwrap();
-    server.signal("HUP");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server
+        .logs_after(
+            "the auth file did not load; keeping the previous configuration",
+            || server.signal("HUP"),
+        )
+        .await;
     list(CAROL).await.unwrap();
     list(ADMIN).await.unwrap();
     let status = server.terminate().await;

@@ -51,6 +51,7 @@ async fn changes_lists_each_document_once_at_its_latest_seq() {
     let c1 = put(&mut c, "db", "c", "", json!({"v": 1})).await.unwrap();
     let b_del = c
         .delete(DeleteRequest {
+            request_id: String::new(),
             database: "db".into(),
             id: "b".into(),
             rev: b1.rev.clone(),
@@ -168,6 +169,7 @@ async fn live_notifications_for_writes_and_notify() {
 
     let d = c
         .delete(DeleteRequest {
+            request_id: String::new(),
             database: "cal".into(),
             id: "e1".into(),
             rev: p.rev,
@@ -242,6 +244,7 @@ async fn aliases_restrict_the_audience() {
     }
     let for_bob = c
         .put(agsync::pb::PutRequest {
+            request_id: String::new(),
             database: "cal".into(),
             id: "x".into(),
             rev: String::new(),
@@ -445,6 +448,7 @@ async fn slow_subscriber_catches_up_without_loss() {
             .collect();
         let results = c
             .bulk_put(BulkPutRequest {
+                request_id: String::new(),
                 database: "db".into(),
                 docs,
             })

@@ -385,6 +385,7 @@ async fn unary_calls_over_http1_and_http2_in_binary_and_text() {
         .unary(
             "Put",
             &pb::PutRequest {
+                request_id: String::new(),
                 database: "cars".into(),
                 id: "tesla".into(),
                 rev: String::new(),
@@ -424,6 +425,7 @@ async fn a_conflict_comes_in_the_trailers_frame_with_the_current_document() {
             .unary(
                 "Put",
                 &pb::PutRequest {
+                    request_id: String::new(),
                     database: "cars".into(),
                     id: "tesla".into(),
                     rev: v1.rev.clone(),
@@ -734,6 +736,7 @@ async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
         .unary(
             "Put",
             &pb::PutRequest {
+                request_id: String::new(),
                 database: "cars".into(),
                 id: "tesla".into(),
                 rev: String::new(),

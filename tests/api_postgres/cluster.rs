@@ -232,6 +232,7 @@ async fn concurrent_bulk_puts_from_both_nodes_leave_seqs_gap_free() {
                     .collect();
                 let results = c
                     .bulk_put(BulkPutRequest {
+                        request_id: String::new(),
                         database: "bulk".into(),
                         docs,
                     })

@@ -23,6 +23,8 @@ mod documents;
 mod durability;
 #[path = "../api/hostile.rs"]
 mod hostile;
+#[path = "../api/idempotency.rs"]
+mod idempotency;
 #[path = "../api/lifecycle.rs"]
 mod lifecycle;
 #[path = "../api/limits.rs"]
@@ -35,4 +37,5 @@ mod server;
 mod sync;
 
 mod cluster;
+mod idempotent_nodes;
 mod retention;

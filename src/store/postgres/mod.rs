@@ -2,17 +2,19 @@
 //!
 //! - Writes: each node's writer batches its queued requests into one
 //!   transaction (`writer`), like SQLite's. Every write transaction first
-//!   locks the `last_seq` counter row and holds it until it commits, so
-//!   write transactions of all nodes run one after another: revision checks
-//!   see every earlier commit (no lost update across nodes), and seqs are
-//!   handed out in commit order.
+//!   locks the counter rows (`last_seq` among them) and holds them until it
+//!   commits, so write transactions of all nodes run one after another:
+//!   revision checks see every earlier commit (no lost update across nodes),
+//!   and seqs are handed out in commit order.
 //! - Notifications: the durable `events` table is the only data path. Each
 //!   node tails it in seq order (`tail`) and publishes what it reads to its
 //!   hub. Because seqs are commit-ordered, reading `seq > last` never skips
-//!   a row that becomes visible later. A writer wakes its own node's tailer
-//!   directly and the other nodes with a coalesced `NOTIFY` (a hint only,
-//!   sent outside the write transaction); a tailer also polls every
-//!   `--pg-poll-interval-ms`, so a lost hint costs latency, never an event.
+//!   a row that becomes visible later; events pruned before the tailer read
+//!   them are reported to the hub (`Publish::lost`), never skipped silently.
+//!   A writer wakes its own node's tailer directly and the other nodes with
+//!   a coalesced `NOTIFY` (a hint only, sent outside the write transaction);
+//!   a tailer also polls every `--pg-poll-interval-ms`, so a lost hint costs
+//!   latency, never an event.
 //! - Reachability (`Link`): the tailer reads on a connection of its own,
 //!   which doubles as a health probe; any task that finds PostgreSQL gone
 //!   marks the link down. While it is down, health says NOT_SERVING and
@@ -195,17 +197,18 @@ pub(super) async fn open(
         target: target.into(),
     };
     let wake_others = Arc::new(Notify::new());
-    let writer = writer::Writer::new(
-        pool.clone(),
-        Retention {
+    let writer = writer::Writer {
+        pool: pool.clone(),
+        retention: Retention {
             keep: options.retain_events.max(1),
             pruned_through,
         },
-        wake_local.clone(),
-        wake_others.clone(),
+        wake_local: wake_local.clone(),
+        wake_others: wake_others.clone(),
         published,
-        link.clone(),
-    );
+        link: link.clone(),
+        expiry: super::batch::RequestExpiry::new(options.request_id_retention),
+    };
     let tailer = tail::Tailer {
         connect,
         publish: wiring.publish,

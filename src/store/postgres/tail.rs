@@ -1,12 +1,14 @@
 //! How a node learns of every node's writes: it tails the `events` table in
 //! seq order and publishes each event to its hub, once, in order. Wake-ups
 //! come from this node's writer (after each commit), from the other nodes'
-//! coalesced `NOTIFY` hints (`listen`), and from a poll every
+//! coalesced `NOTIFY` hints (`listen`), from `Link` when a call found
+//! PostgreSQL gone (the tailer's read is the probe), and from a poll every
 //! `--pg-poll-interval-ms`, so a hint lost while the listener reconnects only
 //! delays events. The data itself is always read from the table.
 //!
 //! Invariant: `published` only grows, and every seq up to it was published
-//! (seqs are commit-ordered and gap-free, see the module above).
+//! once (seqs are commit-ordered and gap-free, see the module above), or
+//! was pruned before this node read it and reported with `Publish::lost`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,8 +82,9 @@ impl Tailer {
     }
 
     /// Publishes the events after `last`, one page, connecting first if
-    /// `conn` is None; returns the new last seq and whether the page was
-    /// full (more may be waiting).
+    /// `conn` is None, and reports a hole the retention left (`lost`);
+    /// returns the new last seq and whether the page was full (more may be
+    /// waiting).
     async fn read_after(&self, conn: &mut Option<PgConnection>, last: u64) -> Result<(u64, bool)> {
         let conn = match conn {
             Some(conn) => conn,

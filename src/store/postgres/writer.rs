@@ -1,15 +1,16 @@
 //! A node's writer on PostgreSQL: the shared batching loop
 //! (`batch::serve`) with one transaction per batch. The transaction first
-//! locks the `last_seq` counter row (`FOR UPDATE`), which every node's
-//! writer does, and only then reads counters, databases and documents: all
-//! write transactions of all nodes are serialized by that lock, so each sees
-//! every earlier commit, and the seqs it assigns are larger than any
-//! committed before and smaller than any committed after (see
-//! ARCHITECTURE.md, "A commit-ordered seq").
+//! reads and locks the counter rows, `last_seq` among them (`FOR UPDATE`),
+//! which every node's writer does, and only then reads databases and
+//! documents: all write transactions of all nodes are serialized by that
+//! lock, so each sees every earlier commit, and the seqs it assigns are
+//! larger than any committed before and smaller than any committed after
+//! (see ARCHITECTURE.md, "A commit-ordered seq").
 //!
 //! Replies wait until the node's tailer has published the batch's events
-//! (or briefly, if PostgreSQL went away meanwhile), so a client that hears
-//! back from a write also finds it on this node's streams.
+//! (at most `PUBLISH_WAIT`, if the tailer lags or PostgreSQL went away
+//! meanwhile), so a client that hears back from a write also finds it on
+//! this node's streams.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -23,48 +24,31 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
 
 use super::super::batch::{
-    self, Answer, Current, DocRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
-    attributes_json,
+    self, Answer, Current, DocRow, Engine, Queued, RequestExpiry, RequestRow, Retention, State,
+    StoredRequest, Tail, Tx, aliases_json, attributes_json,
 };
 use super::super::{rows, to_i64, to_u64};
 use super::Link;
-use crate::domain::{DatabaseInfo, DocId, Document, Error, Event, Result};
+use crate::domain::{DatabaseInfo, DocId, Document, Error, Event, RequestId, Result};
 
 /// How long replies wait for the tailer before they are sent anyway (the
 /// write is committed; its notification follows when the tailer catches up).
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) struct Writer {
-    pool: PgPool,
-    retention: Retention,
+    pub pool: PgPool,
+    pub retention: Retention,
     /// Wakes this node's tailer after a commit.
-    wake_local: Arc<Notify>,
+    pub wake_local: Arc<Notify>,
     /// Wakes the notifier, which hints the other nodes.
-    wake_others: Arc<Notify>,
+    pub wake_others: Arc<Notify>,
     /// The highest seq this node's tailer has published.
-    published: watch::Receiver<u64>,
-    link: Link,
+    pub published: watch::Receiver<u64>,
+    pub link: Link,
+    pub expiry: RequestExpiry,
 }
 
 impl Writer {
-    pub(super) fn new(
-        pool: PgPool,
-        retention: Retention,
-        wake_local: Arc<Notify>,
-        wake_others: Arc<Notify>,
-        published: watch::Receiver<u64>,
-        link: Link,
-    ) -> Self {
-        Writer {
-            pool,
-            retention,
-            wake_local,
-            wake_others,
-            published,
-            link,
-        }
-    }
-
     /// Runs one batch in a transaction on `conn`, pushing one answer per op
     /// to `answers` (even when it fails). On error the caller closes the
     /// connection, which ends the transaction.
@@ -81,7 +65,9 @@ impl Writer {
             let begun = async {
                 // No arguments: the simple query protocol.
                 sqlx::Executor::execute(&mut *conn, "BEGIN").await?;
-                lock(conn, &ops, self.retention).await
+                let mut state = lock(conn, &ops, self.retention).await?;
+                self.expiry.stamp(&mut state);
+                Ok(state)
             };
             let mut state = match begun.await {
                 Ok(state) => state,
@@ -142,6 +128,8 @@ async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) 
             pruned_through: to_u64(counter("pruned_through")?),
         },
         databases,
+        now_secs: 0,
+        expire_requests_before: None,
     })
 }
 
@@ -365,10 +353,51 @@ impl Tx for PgConnection {
             .bind(id)
             .execute(&mut *self)
             .await?;
+        sqlx::query("DELETE FROM requests WHERE db_id = $1")
+            .bind(id)
+            .execute(&mut *self)
+            .await?;
         sqlx::query("DELETE FROM databases WHERE id = $1")
             .bind(id)
             .execute(&mut *self)
             .await?;
+        Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        db_id: i64,
+        principal: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<StoredRequest>> {
+        let found = sqlx::query(
+            "SELECT fingerprint, reply FROM requests \
+             WHERE db_id = $1 AND principal = $2 AND request_id = $3",
+        )
+        .bind(db_id)
+        .bind(principal)
+        .bind(request_id.as_str())
+        .fetch_optional(&mut *self)
+        .await?;
+        found.as_ref().map(rows::request).transpose()
+    }
+
+    /// One statement for every request_id of the batch: arrays unnested
+    /// into rows.
+    async fn put_requests(&mut self, requests: &[RequestRow]) -> Result<()> {
+        let column = |f: fn(&RequestRow) -> String| requests.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO requests (db_id, principal, request_id, fingerprint, reply, created_at) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[])",
+        )
+        .bind(requests.iter().map(|r| r.db_id).collect::<Vec<_>>())
+        .bind(column(|r| r.principal.clone()))
+        .bind(column(|r| r.request_id.as_str().to_owned()))
+        .bind(requests.iter().map(|r| r.fingerprint.to_vec()).collect::<Vec<_>>())
+        .bind(column(|r| r.reply.clone()))
+        .bind(requests.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .execute(&mut *self)
+        .await?;
         Ok(())
     }
 
@@ -378,7 +407,7 @@ impl Tx for PgConnection {
     async fn finish(&mut self, tail: Tail) -> Result<()> {
         let mut sql = String::new();
         if !tail.databases.is_empty() {
-            let list = |f: fn(&(i64, i64, u64)) -> i64| {
+            let list = |f: fn(&batch::DbCounters) -> i64| {
                 tail.databases
                     .iter()
                     .map(|t| f(t).to_string())
@@ -390,9 +419,9 @@ impl Tx for PgConnection {
                 "UPDATE databases d SET doc_count = d.doc_count + u.delta, update_seq = u.seq \
                  FROM UNNEST('{{{}}}'::bigint[], '{{{}}}'::bigint[], '{{{}}}'::bigint[]) AS u(id, delta, seq) \
                  WHERE d.id = u.id;",
-                list(|t| t.0),
-                list(|t| t.1),
-                list(|t| to_i64(t.2)),
+                list(|c| c.db_id),
+                list(|c| c.delta),
+                list(|c| to_i64(c.update_seq)),
             );
         }
         if let Some(id) = tail.last_db_id {
@@ -414,6 +443,14 @@ impl Tx for PgConnection {
                 sql,
                 "DELETE FROM events WHERE seq <= {through};\n\
                  UPDATE counters SET value = {through} WHERE name = 'pruned_through';"
+            );
+        }
+        if let Some(before) = tail.expire_requests_before {
+            let _ = writeln!(
+                sql,
+                "DELETE FROM requests WHERE ctid IN \
+                 (SELECT ctid FROM requests WHERE created_at < {before} LIMIT {});",
+                batch::PRUNE_CHUNK
             );
         }
         sql.push_str("COMMIT;");

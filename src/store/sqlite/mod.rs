@@ -1,7 +1,10 @@
 //! The SQLite backend: a pool of read-only connections for reads (point
-//! reads coalesced by `reader`) and one writer thread (`writer`) that owns
-//! the only write connection, plus a PASSIVE checkpointer. No sqlx type leaves
-//! this module.
+//! reads coalesced by `reader`), kept read-only rusqlite connections for
+//! pages of the event log (`log`), and one writer thread (`writer`) that
+//! owns the only write connection, with `deliver`, the task that publishes
+//! and answers each committed batch, plus a PASSIVE checkpointer. Every
+//! connection's settings come from `settings`. No sqlx or rusqlite type
+//! leaves this module.
 
 mod log;
 mod reader;
@@ -34,10 +37,11 @@ const READ_ROW_BUFFER: usize = 16;
 /// The read side: the pool, the scan permits and the Get dispatcher.
 pub(super) struct Reads {
     reader: SqlitePool,
-    /// Scans (Changes, event replay, ListDatabases) hold one of these while
-    /// they use a read connection: at most `read_connections - 1` at once
-    /// (at least 1), so point reads are not queued behind scans (they still
-    /// wait for `--read-timeout-secs` at most when every connection is busy).
+    /// Scans (Changes, event replay, ListDatabases, the counters) hold one
+    /// of these while they read (on a pool connection, or a log reader for
+    /// replay): at most `read_connections - 1` at once (at least 1), so point
+    /// reads are not queued behind scans (they still wait for
+    /// `--read-timeout-secs` at most when every connection is busy).
     scans: Semaphore,
     /// Point reads, coalesced by `reader::dispatch`.
     gets: mpsc::Sender<reader::GetRequest>,
@@ -46,7 +50,8 @@ pub(super) struct Reads {
 }
 
 /// Opens (creating if needed) and migrates the file, then starts the
-/// writer, the checkpointer and the read dispatcher.
+/// writer (on a thread of its own), the delivery task, the checkpointer and
+/// the read dispatcher.
 pub(super) async fn open(
     path: &std::path::Path,
     options: &StoreOptions,
@@ -68,7 +73,7 @@ pub(super) async fn open(
     } = read_counters(&mut setup_conn).await?;
     sqlx::Connection::close(setup_conn).await?;
     let write_conn = settings::rusqlite_connection(path, Role::Writer, durability)?;
-    // Every statement of a batch stays prepared (a dozen of them).
+    // Every statement of a batch stays prepared (about sixteen of them).
     write_conn.set_prepared_statement_cache_capacity(32);
 
     let reader = SqlitePoolOptions::new()
@@ -93,7 +98,8 @@ pub(super) async fn open(
     };
     let nudge = wal.nudge.clone();
     let (deliveries, deliveries_rx) = mpsc::channel(writer::DELIVERY_QUEUE);
-    let writer = Writer::new(write_conn, last_seq, retention, wal, deliveries)?;
+    let expiry = batch::RequestExpiry::new(options.request_id_retention);
+    let writer = Writer::new(write_conn, last_seq, retention, wal, deliveries, expiry)?;
     let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let (closed, failed) = (wiring.closed, wiring.failed);
     let checkpoint_conn = settings::sqlx_options(path, Role::Maintenance, durability)

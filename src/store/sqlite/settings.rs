@@ -2,7 +2,8 @@
 //! (migrations, the read pool, the checkpointer) and rusqlite (the writer
 //! and the replay readers). A connection is opened for a `Role`, and its
 //! PRAGMAs come from `pragmas`, whichever driver opens it. Must not: set a
-//! PRAGMA anywhere else.
+//! PRAGMA anywhere else (the checkpoints `writer` and the checkpointer run
+//! are commands, not settings).
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,7 +25,8 @@ pub(super) enum Role {
     Writer,
     /// Creating and migrating the file, and the PASSIVE checkpointer.
     Maintenance,
-    /// The read pool (sqlx, read-only): Gets, Changes, ListDatabases.
+    /// The read pool (sqlx, read-only): Gets, Changes, ListDatabases, the
+    /// counters.
     Reader,
     /// A replay reader (rusqlite, read-only): reads the log in order, so a
     /// small page cache is enough.
@@ -47,8 +49,9 @@ pub(super) fn pragmas(role: Role, durability: Durability) -> Vec<(&'static str, 
         ("journal_mode", "WAL"),
         ("synchronous", synchronous),
         ("foreign_keys", "ON"),
-        // A 64 MiB page cache per connection, and reads through mmap:
-        // fewer syscalls and copies on large databases.
+        // A 64 MiB page cache per connection (2 MiB for a replay reader,
+        // which reads the log in order), and reads through mmap: fewer
+        // syscalls and copies on large databases.
         (
             "cache_size",
             if role == Role::LogReader {

@@ -24,11 +24,11 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::super::batch::{
-    self, Answer, Current, DbRow, Engine, Queued, Retention, State, Tail, Tx, aliases_json,
-    attributes_json,
+    self, Answer, Current, DbRow, Engine, Queued, RequestExpiry, RequestRow, Retention, State,
+    StoredRequest, Tail, Tx, aliases_json, attributes_json,
 };
 use super::super::{Publisher, rows, to_i64};
-use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, Result, Rev};
+use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, RequestId, Result, Rev};
 
 /// The bound on the WAL file. SQLite only restarts the WAL from its start
 /// when a checkpoint has copied all of it back and no writer is appending;
@@ -40,7 +40,7 @@ use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, Result,
 pub(super) struct WalBound {
     pub path: PathBuf,
     pub max_bytes: u64,
-    /// Wakes the PASSIVE checkpointer (see `store::checkpointer`).
+    /// Wakes the PASSIVE checkpointer (see `sqlite::checkpointer`).
     pub nudge: std::sync::Arc<tokio::sync::Notify>,
 }
 
@@ -71,6 +71,7 @@ pub(super) struct Writer {
     /// When the writer last warned that the WAL is over its bound.
     over_bound_warned: Option<std::time::Instant>,
     deliveries: mpsc::Sender<Delivery>,
+    expiry: RequestExpiry,
 }
 
 /// What a batch hands to `deliver`: its events to publish, then the answers.
@@ -121,6 +122,7 @@ impl Writer {
         retention: Retention,
         wal: WalBound,
         deliveries: mpsc::Sender<Delivery>,
+        expiry: RequestExpiry,
     ) -> Result<Self> {
         let databases = load_databases(&conn)?;
         let last_db_id = conn
@@ -137,7 +139,10 @@ impl Writer {
                 last_db_id,
                 retention,
                 databases,
+                now_secs: 0,
+                expire_requests_before: None,
             },
+            expiry,
             wal,
             over_bound_warned: None,
             deliveries,
@@ -218,6 +223,7 @@ impl Engine for Writer {
         );
         let mut events = Vec::new();
         let mut answers = Vec::with_capacity(ops.len());
+        self.expiry.stamp(&mut self.state);
         let started = std::time::Instant::now();
         // The statements run on this thread and return at once: `apply`
         // never waits, it is async only because the trait is shared with
@@ -425,8 +431,42 @@ impl Tx for Connection {
     async fn delete_database(&mut self, id: i64) -> Result<()> {
         self.prepare_cached("DELETE FROM docs WHERE db_id = ?1")?
             .execute([id])?;
+        self.prepare_cached("DELETE FROM requests WHERE db_id = ?1")?
+            .execute([id])?;
         self.prepare_cached("DELETE FROM databases WHERE id = ?1")?
             .execute([id])?;
+        Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        db_id: i64,
+        principal: &str,
+        request_id: &RequestId,
+    ) -> Result<Option<StoredRequest>> {
+        let mut stmt = self.prepare_cached(
+            "SELECT fingerprint, reply FROM requests \
+             WHERE db_id = ?1 AND principal = ?2 AND request_id = ?3",
+        )?;
+        let mut rows = stmt.query((db_id, principal, request_id.as_str()))?;
+        rows.next()?.map(rows::request).transpose()
+    }
+
+    async fn put_requests(&mut self, requests: &[RequestRow]) -> Result<()> {
+        let mut stmt = self.prepare_cached(
+            "INSERT INTO requests (db_id, principal, request_id, fingerprint, reply, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for r in requests {
+            stmt.execute((
+                r.db_id,
+                &r.principal,
+                r.request_id.as_str(),
+                &r.fingerprint[..],
+                &r.reply,
+                r.created_at,
+            ))?;
+        }
         Ok(())
     }
 
@@ -436,8 +476,8 @@ impl Tx for Connection {
             let mut stmt = self.prepare_cached(
                 "UPDATE databases SET doc_count = doc_count + ?1, update_seq = ?2 WHERE id = ?3",
             )?;
-            for (db_id, delta, update_seq) in tail.databases {
-                stmt.execute((delta, to_i64(update_seq), db_id))?;
+            for c in tail.databases {
+                stmt.execute((c.delta, to_i64(c.update_seq), c.db_id))?;
             }
         }
         let mut counter = self.prepare_cached("UPDATE counters SET value = ?2 WHERE name = ?1")?;
@@ -452,6 +492,13 @@ impl Tx for Connection {
             self.prepare_cached("DELETE FROM events WHERE seq <= ?1")?
                 .execute([through])?;
             counter.execute(("pruned_through", through))?;
+        }
+        if let Some(before) = tail.expire_requests_before {
+            self.prepare_cached(
+                "DELETE FROM requests WHERE (db_id, principal, request_id) IN \
+                 (SELECT db_id, principal, request_id FROM requests WHERE created_at < ?1 LIMIT ?2)",
+            )?
+            .execute((before, to_i64(batch::PRUNE_CHUNK)))?;
         }
         self.prepare_cached("COMMIT")?.execute([])?;
         Ok(())
@@ -520,7 +567,8 @@ mod tests {
             },
         );
         tokio::spawn(deliver(rx, hub));
-        Writer::new(conn, 0, retention, wal, deliveries).unwrap()
+        let expiry = RequestExpiry::new(Duration::from_secs(86_400));
+        Writer::new(conn, 0, retention, wal, deliveries, expiry).unwrap()
     }
 
     /// Commits `ops` as one batch.
@@ -536,7 +584,7 @@ mod tests {
         assert!(w.commit(queued).await);
     }
 
-    type Written = oneshot::Receiver<Result<Vec<Result<crate::domain::WriteOutcome>>>>;
+    type Written = oneshot::Receiver<Result<crate::store::Written>>;
 
     fn put(db: &str, id: &str) -> (Op, Written) {
         let body = Body::parse(
@@ -557,6 +605,7 @@ mod tests {
                 change: DocChange::Put(body),
                 aliases: vec![],
             }],
+            request: None,
             reply,
         };
         (op, rx)
@@ -564,8 +613,10 @@ mod tests {
 
     /// The seq of the one write `rx` answers.
     async fn seq(rx: Written) -> u64 {
-        let mut results = rx.await.unwrap().unwrap();
-        results.pop().unwrap().unwrap().seq
+        match rx.await.unwrap().unwrap() {
+            crate::store::Written::Applied(mut results) => results.pop().unwrap().unwrap().seq,
+            crate::store::Written::Replayed(_) => panic!("replayed"),
+        }
     }
 
     fn name(db: &str) -> DbName {
