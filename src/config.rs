@@ -56,6 +56,17 @@ pub enum Command {
         #[arg(long)]
         generate: bool,
     },
+    /// Writes a consistent copy of a SQLite store to DEST while a server
+    /// may run on it (SQLite's `VACUUM INTO`: one snapshot, compacted). DEST
+    /// must not exist. Restore by starting a server with `--db DEST` (or
+    /// by putting DEST in place of the store while no server runs).
+    Backup {
+        /// The store to copy (the server's `--db` file).
+        #[arg(long, env = "AGSYNC_DB", default_value = "./agsync.db", value_parser = parse_location)]
+        db: Location,
+        /// Where to write the copy: a new file.
+        dest: PathBuf,
+    },
 }
 
 /// How the server runs.

@@ -1,6 +1,6 @@
 //! The `agsync` binary: picks the allocator and builds the request runtime,
 //! parses flags, sets up logging, binds the listener and runs the server
-//! until SIGINT or SIGTERM, or runs the `hash-token` helper. Nothing else
+//! until SIGINT or SIGTERM, or runs the `hash-token` or `backup` helper. Nothing else
 //! lives here.
 
 use clap::Parser;
@@ -51,8 +51,10 @@ async fn run() -> std::process::ExitCode {
             .init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-    if let Some(Command::HashToken { generate }) = cli.command {
-        return hash_token(generate);
+    match cli.command {
+        Some(Command::HashToken { generate }) => return hash_token(generate),
+        Some(Command::Backup { db, dest }) => return backup(&db, &dest),
+        None => {}
     }
     let config = cli.config;
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -96,6 +98,24 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+/// `agsync backup --db FILE DEST`: prints the seq the copy holds.
+fn backup(db: &agsync::store::Location, dest: &std::path::Path) -> std::process::ExitCode {
+    match agsync::store::backup(db, dest) {
+        Ok(seq) => {
+            println!(
+                "backed up {} to {} through seq {seq}",
+                db.for_logs(),
+                dest.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agsync backup: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

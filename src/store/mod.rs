@@ -570,6 +570,19 @@ impl EventLog for Store {
     }
 }
 
+/// `agsync backup`: a consistent copy of the SQLite store at `location`
+/// into `dest` (which must not exist), taken while a server runs on it;
+/// returns the seq the copy holds everything up to. PostgreSQL has its own
+/// tools (pg_dump), which the error names.
+pub fn backup(location: &Location, dest: &std::path::Path) -> Result<u64> {
+    match location {
+        Location::Sqlite(path) => sqlite::backup::backup(path, dest),
+        Location::Postgres(_) => Err(Error::Config(
+            "agsync backup copies a SQLite store; back up PostgreSQL with pg_dump (see the README's \"Backup and restore\")".into(),
+        )),
+    }
+}
+
 /// Runs an essential task of the store: if it panics or fails, the store
 /// is marked failed (the server then stops) instead of limping on.
 fn supervise(

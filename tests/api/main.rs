@@ -8,6 +8,7 @@ mod scrape;
 /// the same modules against PostgreSQL.
 pub const POSTGRES: bool = false;
 
+mod backup;
 mod bulk;
 mod databases;
 mod documents;

@@ -115,8 +115,19 @@ pub struct OwnCluster {
     port: u16,
 }
 
+/// A server certificate and key (PEM) for a cluster that serves TLS.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl OwnCluster {
     pub fn start() -> Result<OwnCluster, String> {
+        Self::start_with_tls(None)
+    }
+
+    /// With `tls`, the cluster runs with `ssl = on` and that certificate.
+    pub fn start_with_tls(tls: Option<&ServerTls>) -> Result<OwnCluster, String> {
         let bin = pg_bin().ok_or("no initdb found under /usr/lib/postgresql/*/bin")?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -153,11 +164,22 @@ impl OwnCluster {
                 "UTF8",
             ],
         )?;
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500 -c shared_buffers=64MB",
             cluster.port,
             cluster.dir.display()
         );
+        if let Some(tls) = tls {
+            // PostgreSQL wants its key owned by its user and private.
+            let (cert, key) = (cluster.path("server.crt"), cluster.path("server.key"));
+            std::fs::write(&cert, &tls.cert_pem).map_err(|e| e.to_string())?;
+            std::fs::write(&key, &tls.key_pem).map_err(|e| e.to_string())?;
+            run("chown", &["postgres:", &cert, &key])?;
+            run("chmod", &["600", &key])?;
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
+            ));
+        }
         cluster.pg(
             "pg_ctl",
             &[

@@ -38,4 +38,6 @@ mod sync;
 
 mod cluster;
 mod idempotent_nodes;
+mod restore;
 mod retention;
+mod tls;

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use futures_util::future::BoxFuture;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 
@@ -149,10 +149,25 @@ pub(super) async fn open(
         connect.get_port(),
         connect.get_database().unwrap_or("")
     );
+    // sslmode=require and stricter: a failure to connect is a TLS failure
+    // to report as one (prefer falls back to plaintext by itself).
+    let tls_required = matches!(
+        connect.get_ssl_mode(),
+        PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    );
     let unreachable = |e: sqlx::Error| {
-        Error::Config(format!(
-            "cannot connect to PostgreSQL at {target}: {e}; check that it runs and that --db is right"
-        ))
+        if tls_required || matches!(e, sqlx::Error::Tls(_)) {
+            Error::Config(format!(
+                "cannot connect to PostgreSQL at {target} over TLS: {e}; the server must offer TLS \
+                 (ssl = on) and its certificate must verify: check the URL's sslmode (disable, \
+                 prefer, require, verify-ca, verify-full) and sslrootcert (the CA certificate that \
+                 signed the server's certificate; verify-full also checks the host name)"
+            ))
+        } else {
+            Error::Config(format!(
+                "cannot connect to PostgreSQL at {target}: {e}; check that it runs and that --db is right"
+            ))
+        }
     };
     // One connection first, for the real reason if it fails (the pool
     // would retry a refused connection until its timeout and then only

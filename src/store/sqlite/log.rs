@@ -114,9 +114,11 @@ fn read_in_snapshot(
     }
     let mut events = Vec::new();
     let mut bytes = 0;
+    // Column names resolved once per page, not once per value.
+    let columns = rows::ColumnMap::of(&select);
     let mut rows = select.raw_query();
     while let Some(row) = rows.next()? {
-        let event = rows::event(row)?;
+        let event = rows::event(&columns.on(row))?;
         bytes += event.approx_bytes();
         events.push(event);
         if bytes >= max_bytes {

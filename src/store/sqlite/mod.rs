@@ -6,6 +6,7 @@
 //! connection's settings come from `settings`. No sqlx or rusqlite type
 //! leaves this module.
 
+pub(super) mod backup;
 mod log;
 mod reader;
 mod settings;

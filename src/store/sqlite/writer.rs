@@ -342,14 +342,15 @@ fn each_found<T>(
     sql: &str,
     db_id: i64,
     ids: &[&DocId],
-    map: impl Fn(&DocId, &rusqlite::Row<'_>) -> Result<T>,
+    map: impl Fn(&DocId, &rows::Mapped<'_>) -> Result<T>,
 ) -> Result<Vec<T>> {
     let mut out = Vec::with_capacity(ids.len());
     let mut stmt = conn.prepare_cached(sql)?;
+    let columns = rows::ColumnMap::of(&stmt);
     for id in ids {
-        let mut rows = stmt.query((db_id, id.as_str()))?;
-        if let Some(row) = rows.next()? {
-            out.push(map(id, row)?);
+        let mut found = stmt.query((db_id, id.as_str()))?;
+        if let Some(row) = found.next()? {
+            out.push(map(id, &columns.on(row))?);
         }
     }
     Ok(out)
