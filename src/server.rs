@@ -146,15 +146,9 @@ pub async fn run(
         })
     };
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| Error::Config(format!("invalid TLS configuration: {e}")))?;
-    }
     // gRPC-Web (HTTP/1.1 too) for browsers on the same port; see `api::web`.
     let origins = crate::api::web::Origins::from_flags(&config.cors_allow_origin);
-    let serve = builder
+    let router = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(crate::api::web::OriginGateLayer::new(origins.clone()))
         .layer(tower::util::option_layer(origins.cors()))
@@ -175,19 +169,22 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(sync)
-        .serve_with_incoming_shutdown(
-            // No Nagle delay: small responses go out at once. TCP keepalive
-            // notices dead peers on HTTP/1.1 (gRPC-Web) connections, which
-            // have no HTTP/2 pings.
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(KEEPALIVE_INTERVAL))
-                .with_keepalive_interval(Some(KEEPALIVE_TIMEOUT))
-                .with_keepalive_retries(Some(3)),
+        .add_service(sync);
+    // No Nagle delay: small responses go out at once. TCP keepalive notices
+    // dead peers on HTTP/1.1 (gRPC-Web) connections, which have no HTTP/2
+    // pings.
+    let tcp = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL))
+        .with_keepalive_interval(Some(KEEPALIVE_TIMEOUT))
+        .with_keepalive_retries(Some(3));
+    let mut serve: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            crate::api::tls::incoming(tcp, tls, stop.clone()),
             stop.clone().cancelled_owned(),
-        );
-    tokio::pin!(serve);
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(tcp, stop.clone().cancelled_owned())),
+    };
     let served = tokio::select! {
         r = &mut serve => r,
         () = async {
@@ -328,18 +325,11 @@ fn load_auth(config: &Config, addr: std::net::SocketAddr) -> Result<Auth> {
     Ok(Auth::open())
 }
 
-fn load_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+fn load_tls(config: &Config) -> Result<Option<Arc<crate::api::tls::ServerConfig>>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
-    };
-    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-    Ok(Some(
-        tonic::transport::ServerTlsConfig::new().identity(identity),
-    ))
+    crate::api::tls::server_config(cert, key).map(Some)
 }
 
 /// Sets the health of agsync's service and of the server as a whole (the

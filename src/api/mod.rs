@@ -11,6 +11,7 @@ pub mod codec;
 mod convert;
 pub mod guard;
 pub mod status;
+pub mod tls;
 pub mod web;
 
 use std::sync::Arc;

@@ -29,6 +29,30 @@ const TEXT: &str = "application/grpc-web-text";
 const APP: &str = "http://app.test:8080";
 const EVIL: &str = "http://evil.test";
 
+/// A TLS connection to `addr` trusting `ca`, offering `alpn`.
+async fn tls_stream(
+    addr: SocketAddr,
+    ca: CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).expect("the test CA");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
 /// One HTTP connection to the server, as a browser holds it.
 enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
@@ -73,24 +97,27 @@ impl Web {
     /// TLS offering HTTP/2 and HTTP/1.1 by ALPN, as a browser does; the
     /// server must pick HTTP/2.
     async fn tls(addr: SocketAddr, ca: CertificateDer<'static>) -> Web {
-        use tokio_rustls::rustls;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca).expect("the test CA");
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .expect("TLS handshake");
+        let tls = tls_stream(addr, ca, &[b"h2", b"http/1.1"]).await;
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
         Web::over_http2(format!("https://localhost:{}", addr.port()), tls).await
+    }
+
+    /// TLS offering only HTTP/1.1 by ALPN, as some proxies and tools do:
+    /// the server must accept it and serve HTTP/1.1.
+    async fn tls_http1(addr: SocketAddr, ca: CertificateDer<'static>) -> Web {
+        let tls = tls_stream(addr, ca, &[b"http/1.1"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Web::new(
+            format!("https://localhost:{}", addr.port()),
+            Conn::Http1(sender),
+            driver,
+        )
     }
 
     async fn over_http2<T>(origin: String, io: T) -> Web
@@ -748,6 +775,60 @@ async fn over_tls_browsers_get_http2_and_one_connection_carries_everything() {
         .ok();
     match stream.next_event().await {
         pb::subscribe_response::Event::Notification(n) => assert_eq!(n.seq, put.seq),
+        other => panic!("expected a notification, got {other:?}"),
+    }
+}
+
+/// A client that offers only HTTP/1.1 by ALPN (gRPC-Web from some proxies
+/// and tools) is served over TLS: unary calls and a stream.
+#[tokio::test]
+async fn over_tls_a_client_offering_only_http1_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, cert_path, key_path) = self_signed_tls(dir.path());
+    let srv = TestServer::start_with(|c| {
+        c.tls_cert = Some(cert_path);
+        c.tls_key = Some(key_path);
+    })
+    .await;
+    let mut web = Web::tls_http1(srv.addr, cert.cert.der().clone()).await;
+    let _: pb::CreateDatabaseResponse = web
+        .unary("CreateDatabase", &create_request("cars", "cars.key"))
+        .await
+        .ok();
+    let put: pb::PutResponse = web
+        .unary(
+            "Put",
+            &pb::PutRequest {
+                database: "cars".into(),
+                id: "beetle".into(),
+                body: Some(body(json!({"model": "Beetle"}))),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok();
+    assert_eq!(put.seq, 1);
+    // A stream on a connection of its own (HTTP/1.1: one call at a time).
+    let mut listening = Web::tls_http1(srv.addr, cert.cert.der().clone()).await;
+    let mut stream = listening.call("Subscribe", &cars_subscription()).await;
+    assert!(matches!(
+        stream.next_event().await,
+        pb::subscribe_response::Event::Subscribed(_)
+    ));
+    let second: pb::PutResponse = web
+        .unary(
+            "Put",
+            &pb::PutRequest {
+                database: "cars".into(),
+                id: "golf".into(),
+                body: Some(body(json!({"model": "Golf"}))),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok();
+    match stream.next_event().await {
+        pb::subscribe_response::Event::Notification(n) => assert_eq!(n.seq, second.seq),
         other => panic!("expected a notification, got {other:?}"),
     }
 }
