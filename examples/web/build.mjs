@@ -1,6 +1,6 @@
 // `npm run build`: type-checks src/ with tsc (esbuild only strips types),
 // bundles src/main.ts (and @agsync/web with it) into dist/app.js with
-// esbuild, and copies index.html and the stylesheet.
+// esbuild, and copies index.html, the stylesheet and the service worker.
 import { execFileSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, rmSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -35,4 +35,5 @@ await build({
 });
 copyFileSync(join(here, "index.html"), join(dist, "index.html"));
 copyFileSync(join(here, "src", "style.css"), join(dist, "style.css"));
+copyFileSync(join(here, "src", "sw.js"), join(dist, "sw.js"));
 console.log(`built dist/ (app.js ${Math.round(statSync(join(dist, "app.js")).size / 1024)} KiB)`);

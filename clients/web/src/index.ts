@@ -1,6 +1,10 @@
 /**
  * agsync's browser client.
  *
+ * - {@link openReplica}: an offline-first replica (local reads, optimistic
+ *   writes in a durable outbox, upload exactly once, pull, three-way merge,
+ *   many tabs) over {@link indexedDbStore}, {@link memoryStore} or, in Node,
+ *   `sqliteStore` from `@agsync/web/sqlite`.
  * - {@link createAgsyncTransport}: gRPC-Web to the server, with a bearer token.
  * - {@link SyncClient}: subscribe, load changes, resume, reconnect.
  * - {@link putWithMerge}, {@link conflictOf}, {@link overlayChanges}: conflicts.
@@ -8,6 +12,34 @@
  *
  * @module
  */
+export {
+  openReplica,
+  Replica,
+  type ReplicaOptions,
+  type ReplicaStatus,
+  type ReplicaError,
+  type ReplicaDocument,
+  type DocumentChange,
+  type DatabaseSpec,
+  type TokenProvider,
+  type WriteReceipt,
+  type Coordination,
+  type CoordinationChannel,
+} from "./replica.js";
+export { fieldMerge, mergeJson, mergeBodies, jsonEqual, type Resolver, type Resolution, type WriteConflict, type FieldMergeOptions } from "./resolve.js";
+export type { Rejection, RejectionDecision, WriteOutcome } from "./outbox.js";
+export {
+  memoryStore,
+  ReplicaStorageError,
+  type ReplicaStorage,
+  type StorageTx,
+  type StorageSnapshot,
+  type DocRow,
+  type OutboxRow,
+  type MemoryStoreOptions,
+} from "./storage.js";
+export { indexedDbStore, deleteIndexedDbStore, type IndexedDbStoreOptions } from "./storage-idb.js";
+export { realClock, type Clock } from "./clock.js";
 export { createAgsyncTransport, bearerAuth, type AgsyncTransportOptions, type TokenSource } from "./transport.js";
 export {
   SyncClient,

@@ -88,6 +88,16 @@ export class FakeServer {
   readonly refuseSubscribes: ConnectError[] = [];
   /** When set, every Put conflicts as if someone wrote just before (for bounded-retry tests). */
   alwaysConflict = false;
+  /** Whether request_id deduplication is on (AIP-155), as in the real server. */
+  dedup = true;
+  /** The next N writes (Put, Delete, BulkPut) fail with UNAVAILABLE before doing anything. */
+  failWrites = 0;
+  /** The next N writes are executed, then their response is lost (UNAVAILABLE): a retry must not write twice. */
+  loseResponses = 0;
+  /** Every write call, in order: method, request_id and whether it was answered from the dedup record. */
+  readonly writeCalls: { method: string; requestId: string; replayed: boolean; items: number }[] = [];
+  /** Per database, request_id -> the request's fingerprint and first response. */
+  readonly #requestIds = new Map<string, Map<string, { fingerprint: string; response: unknown }>>();
   #streams = new Set<{ keys: string[]; channel: Channel<SubscribeResponse> }>();
 
   transport(interceptors: Interceptor[] = []): Transport {
@@ -99,7 +109,12 @@ export class FakeServer {
             return {
               databases: [...this.dbs.values()]
                 .sort((a, b) => a.name.localeCompare(b.name))
-                .map((db) => ({ name: db.name, syncKey: db.syncKey, createdSeq: db.createdSeq })),
+                .map((db) => ({
+                  name: db.name,
+                  syncKey: db.syncKey,
+                  createdSeq: db.createdSeq,
+                  updateSeq: [...db.docs.values()].reduce((max, d) => (d.seq > max ? d.seq : max), 0n),
+                })),
             };
           },
           changes: (req, ctx) => {
@@ -120,24 +135,115 @@ export class FakeServer {
               databaseCreatedSeq: db.createdSeq,
             };
           },
-          put: (req) => {
-            this.putRequests.push({ id: req.id, rev: req.rev, body: req.body });
+          put: (req) =>
+            this.#write("put", req.database, req.requestId, { id: req.id, rev: req.rev, body: req.body ?? null, aliases: req.notifyAliases }, 1, () =>
+              this.#put(req.database, req.id, req.rev, req.body),
+            ),
+          delete: (req) =>
+            this.#write("delete", req.database, req.requestId, { id: req.id, rev: req.rev, aliases: req.notifyAliases }, 1, () => {
+              const db = this.#db(req.database);
+              const current = db.docs.get(req.id);
+              if (!current || current.deleted) {
+                throw new ConnectError(`document "${req.id}" does not exist in database "${req.database}" (it is missing or deleted)`, Code.NotFound);
+              }
+              if (current.rev !== req.rev) throw this.#conflict(db, current, req.rev);
+              const doc = this.remove(req.database, req.id);
+              return { id: doc.id, rev: doc.rev, seq: doc.seq };
+            }),
+          bulkPut: (req) =>
+            this.#write(
+              "bulkPut",
+              req.database,
+              req.requestId,
+              req.docs.map((d) => ({ id: d.id, rev: d.rev, body: d.body ?? null, aliases: d.notifyAliases })),
+              req.docs.length,
+              () => {
+                this.#db(req.database);
+                return {
+                  results: req.docs.map((d) => {
+                    const id = d.id || `gen${++this.#generatedIds}`;
+                    if (d.body === undefined) return { id, rev: "", seq: 0n, error: "invalid", reason: "body is required" };
+                    if (Object.keys(d.body).some((k) => k.startsWith("_"))) {
+                      return { id, rev: "", seq: 0n, error: "invalid", reason: "top-level keys starting with _ are reserved" };
+                    }
+                    if (JSON.stringify(d.body).length > this.maxDocBytes) {
+                      return { id, rev: "", seq: 0n, error: "too_large", reason: "the body is over the document size limit" };
+                    }
+                    try {
+                      const r = this.#put(req.database, id, d.rev, d.body);
+                      return { ...r, error: "", reason: "" };
+                    } catch (err) {
+                      if (err instanceof ConnectError && err.code === Code.Aborted) return { id, rev: "", seq: 0n, error: "conflict", reason: err.rawMessage };
+                      throw err;
+                    }
+                  }),
+                };
+              },
+            ),
+          get: (req) => {
             const db = this.#db(req.database);
-            if (this.alwaysConflict) {
-              const current = this.put(req.database, req.id, { ...(db.docs.get(req.id)?.body ?? {}), by: "someone else" });
-              throw this.#conflict(db, current, req.rev);
+            const doc = db.docs.get(req.id);
+            if (!doc || doc.deleted) {
+              throw new ConnectError(`document "${req.id}" does not exist in database "${req.database}" (it is missing or deleted)`, Code.NotFound);
             }
-            const current = db.docs.get(req.id);
-            const live = current && !current.deleted ? current : undefined;
-            if ((live?.rev ?? "") !== req.rev) throw this.#conflict(db, live, req.rev);
-            const doc = this.put(req.database, req.id, req.body ?? {});
-            return { id: doc.id, rev: doc.rev, seq: doc.seq };
+            return { document: { id: doc.id, rev: doc.rev, body: doc.body, seq: doc.seq } };
           },
           subscribe: (req, ctx) => this.#subscribe(req, ctx.requestHeader, ctx.signal),
         });
       },
       { transport: { interceptors } },
     );
+  }
+
+  #generatedIds = 0;
+  /** The document size limit of BulkPut items (too_large above). */
+  maxDocBytes = 64 * 1024;
+
+  /** A write call with the real server's request_id rules and the failure knobs. */
+  #write<T>(method: string, database: string, requestId: string, request: unknown, items: number, run: () => T): T {
+    if (this.failWrites > 0) {
+      this.failWrites -= 1;
+      throw new ConnectError("the server is busy (fake)", Code.Unavailable);
+    }
+    let seen = this.#requestIds.get(database);
+    if (!seen) this.#requestIds.set(database, (seen = new Map()));
+    const fingerprint = JSON.stringify({ method, request });
+    if (requestId !== "" && this.dedup) {
+      const first = seen.get(requestId);
+      if (first) {
+        if (first.fingerprint !== fingerprint) {
+          throw agsyncError(Code.InvalidArgument, `request_id ${requestId} was used for another request`, "REQUEST_ID_REUSED", { request_id: requestId });
+        }
+        this.writeCalls.push({ method, requestId, replayed: true, items });
+        return this.#deliver(first.response as T);
+      }
+    }
+    const response = run(); // throws (and records nothing) on failure
+    this.writeCalls.push({ method, requestId, replayed: false, items });
+    if (requestId !== "" && this.dedup) seen.set(requestId, { fingerprint, response });
+    return this.#deliver(response);
+  }
+
+  #deliver<T>(response: T): T {
+    if (this.loseResponses > 0) {
+      this.loseResponses -= 1;
+      throw new ConnectError("the connection was lost (fake)", Code.Unavailable);
+    }
+    return response;
+  }
+
+  #put(database: string, id: string, rev: string, body: JsonObject | undefined): { id: string; rev: string; seq: bigint } {
+    this.putRequests.push({ id, rev, body });
+    const db = this.#db(database);
+    if (this.alwaysConflict) {
+      const current = this.put(database, id, { ...(db.docs.get(id)?.body ?? {}), by: "someone else" });
+      throw this.#conflict(db, current, rev);
+    }
+    const current = db.docs.get(id);
+    const live = current && !current.deleted ? current : undefined;
+    if ((live?.rev ?? "") !== rev) throw this.#conflict(db, live, rev);
+    const doc = this.put(database, id, body ?? {});
+    return { id: doc.id, rev: doc.rev, seq: doc.seq };
   }
 
   #db(name: string): Db {
@@ -168,6 +274,7 @@ export class FakeServer {
   deleteDatabase(name: string): void {
     const db = this.#db(name);
     this.dbs.delete(name);
+    this.#requestIds.delete(name);
     this.#publish(create(NotificationSchema, { syncKey: db.syncKey, seq: ++this.seq, database: name, deleted: true, databaseDeleted: true }));
   }
 
@@ -180,6 +287,31 @@ export class FakeServer {
     db.docs.set(id, doc);
     this.#publish(create(NotificationSchema, { syncKey: db.syncKey, seq: doc.seq, database, id, rev: doc.rev }));
     return doc;
+  }
+
+  /** Records a request_id as if a request with another content had used it (to provoke REQUEST_ID_REUSED). */
+  poisonRequestId(database: string, requestId: string): void {
+    let seen = this.#requestIds.get(database);
+    if (!seen) this.#requestIds.set(database, (seen = new Map()));
+    seen.set(requestId, { fingerprint: "another request", response: undefined });
+  }
+
+  /** Deletes a document directly (as another client would), leaving a tombstone. */
+  remove(database: string, id: string): StoredDoc {
+    const db = this.#db(database);
+    const previous = db.docs.get(id);
+    if (!previous || previous.deleted) throw new Error(`fake: ${id} is not live`);
+    const generation = Number(previous.rev.split("-")[0]) + 1;
+    const doc: StoredDoc = { id, rev: `${generation}-${"0".repeat(31)}${generation % 10}`, seq: ++this.seq, deleted: true, body: {} };
+    db.docs.set(id, doc);
+    this.#publish(create(NotificationSchema, { syncKey: db.syncKey, seq: doc.seq, database, id, rev: doc.rev, deleted: true }));
+    return doc;
+  }
+
+  /** The live document, if any. */
+  doc(database: string, id: string): StoredDoc | undefined {
+    const doc = this.dbs.get(database)?.docs.get(id);
+    return doc && !doc.deleted ? doc : undefined;
   }
 
   /** An app's Notify. */
