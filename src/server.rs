@@ -82,6 +82,9 @@ pub async fn run(
     health_reporter
         .set_serving::<SyncServiceServer<Service>>()
         .await;
+    health_reporter
+        .set_service_status(WRITES_HEALTH, tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -115,6 +118,7 @@ pub async fn run(
     let watcher = {
         let (stop, store, health) = (stop.clone(), store.clone(), health_reporter.clone());
         let mut reachable = store.reachable();
+        let mut writable = store.writable();
         tokio::spawn(async move {
             tokio::pin!(shutdown);
             loop {
@@ -130,6 +134,16 @@ pub async fn run(
                     () = stop.cancelled() => break,
                     // The database went away or came back (PostgreSQL): a
                     // load balancer should send calls elsewhere meanwhile.
+                    // The disk filled or freed (or another process locked
+                    // the file): reads go on, so only `agsync.writes` says so.
+                    Ok(()) = writable.changed() => {
+                        let status = if *writable.borrow_and_update() {
+                            tonic_health::ServingStatus::Serving
+                        } else {
+                            tonic_health::ServingStatus::NotServing
+                        };
+                        health.set_service_status(WRITES_HEALTH, status).await;
+                    }
                     Ok(()) = reachable.changed() => {
                         if *reachable.borrow_and_update() {
                             tracing::info!("the database is reachable again: SERVING");
@@ -331,6 +345,11 @@ fn load_tls(config: &Config) -> Result<Option<Arc<crate::api::tls::ServerConfig>
     };
     crate::api::tls::server_config(cert, key).map(Some)
 }
+
+/// The health entry that says whether writes commit: NOT_SERVING while the
+/// disk is full or the store's file is locked by another process (reads,
+/// and so `""` and `agsync.v1.SyncService`, stay SERVING).
+pub const WRITES_HEALTH: &str = "agsync.writes";
 
 /// Sets the health of agsync's service and of the server as a whole (the
 /// empty service name, which load balancers and Kubernetes probes check by

@@ -88,6 +88,11 @@ impl From<Error> for Status {
                 with_details(Code::InvalidArgument, message, details)
             }
             Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
+            Error::StorageFull(_) => with_details(
+                Code::ResourceExhausted,
+                message,
+                vec![error_info::<0>("STORAGE_FULL", [])],
+            ),
             Error::Unauthenticated(..) | Error::Revoked(_) => {
                 crate::telemetry::count_auth_failure(&e);
                 Status::unauthenticated(message)

@@ -75,6 +75,13 @@ pub enum Error {
     #[error("{0}")]
     Exhausted(String),
 
+    /// The disk under the store is full: writes are refused until space is
+    /// freed; reads go on.
+    #[error(
+        "the server's disk is full ({0}): writes are refused until space is freed, reads go on; nothing of this request was applied, retry it later"
+    )]
+    StorageFull(String),
+
     /// The service cannot take the request now (e.g. it is shutting down).
     #[error("{0}; retry shortly, or against another server")]
     Unavailable(String),
@@ -120,7 +127,10 @@ impl Error {
             }
             Error::DatabaseNotFound(_) | Error::DocumentNotFound { .. } => "not_found",
             Error::DatabaseExists(_) => "exists",
-            Error::Unavailable(_) | Error::Busy(_) | Error::ShuttingDown { .. } => "unavailable",
+            Error::Unavailable(_)
+            | Error::Busy(_)
+            | Error::ShuttingDown { .. }
+            | Error::StorageFull(_) => "unavailable",
             Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
             Error::Storage(_) | Error::Config(_) | Error::Fatal(_) => "internal",
         }

@@ -341,8 +341,8 @@ pub(super) trait Tx {
 /// What a backend does around the shared batching loop.
 pub(super) trait Engine {
     /// Commits one batch and has its requests answered (once its events are
-    /// published); false if it failed.
-    async fn commit(&mut self, ops: Vec<Queued>) -> bool;
+    /// published); how it ended.
+    async fn commit(&mut self, ops: Vec<Queued>) -> Committed;
     /// The most request bytes (`Op::approx_bytes`) taken into one batch.
     fn batch_bytes(&self) -> usize;
     /// After this long without writes, `idle` runs (once per pause, until it
@@ -369,6 +369,7 @@ pub(super) async fn serve<E: Engine>(
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     let mut batch: Vec<Command> = Vec::with_capacity(max_batch);
     let mut failed_in_a_row = 0;
+    let mut passing_in_a_row = 0;
     // A WAL left by an earlier run is truncated after the first pause too.
     let mut idle_done = false;
     loop {
@@ -418,7 +419,15 @@ pub(super) async fn serve<E: Engine>(
         let committed = engine.commit(ops).await;
         metrics::histogram!(crate::telemetry::WRITER_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        if committed {
+        if committed == Committed::NoForNow {
+            // Queued requests wait through the pause (their callers'
+            // deadlines still apply), then meet the next attempt.
+            tokio::time::sleep(pause_after(passing_in_a_row)).await;
+            passing_in_a_row += 1;
+            continue;
+        }
+        passing_in_a_row = 0;
+        if committed == Committed::Yes {
             failed_in_a_row = 0;
         } else {
             failed_in_a_row += 1;
@@ -569,8 +578,37 @@ fn count_outcomes(answers: &[Answer]) {
 fn aborts_batch(e: &Error) -> bool {
     matches!(
         e,
-        Error::Storage(_) | Error::Unavailable(_) | Error::Busy(_)
+        Error::Storage(_) | Error::Unavailable(_) | Error::Busy(_) | Error::StorageFull(_)
     )
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Committed {
+    Yes,
+    /// It failed for a cause that clears by itself (a full disk, a file
+    /// locked by another process, an unreachable database): the writer
+    /// keeps going, and tries the next batch after a pause.
+    NoForNow,
+    /// It failed otherwise; after `max_failed_batches` of these in a row
+    /// the writer gives up.
+    No,
+}
+
+impl Committed {
+    /// What a batch that failed with `e` was.
+    pub(super) fn failed_with(e: &Error) -> Committed {
+        match e {
+            Error::StorageFull(_) | Error::Busy(_) | Error::Unavailable(_) => Committed::NoForNow,
+            _ => Committed::No,
+        }
+    }
+}
+
+/// The pause after a batch that failed for a passing cause, doubling from
+/// 50 ms to at most 1 s while they go on: a full disk is not hammered.
+fn pause_after(failures: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << failures.min(5)).min(1000))
 }
 
 /// Up to which seq to delete events beyond the retention now, at most

@@ -305,6 +305,9 @@ pub struct Store {
     /// Whether the database answers (PostgreSQL can go away and come back;
     /// SQLite always does).
     reachable: watch::Receiver<bool>,
+    /// Whether the writer's last batch committed (false while the disk is
+    /// full or the file is locked by another process).
+    writable: watch::Receiver<bool>,
     writer: mpsc::Sender<Command>,
     /// Bytes of large requests queued for the writer (`writer_queue_bytes`;
     /// see `run`).
@@ -319,6 +322,7 @@ struct Opened {
     reads: Box<dyn ReadPath>,
     tasks: Vec<JoinHandle<()>>,
     reachable: watch::Receiver<bool>,
+    writable: watch::Receiver<bool>,
 }
 
 /// What every backend's `open` is given.
@@ -337,6 +341,10 @@ impl From<sqlx::Error> for Error {
                     .into(),
             ),
             sqlx::Error::PoolClosed => Error::Unavailable("the server is shutting down".into()),
+            // PostgreSQL's disk_full: writes fail until its disk has room.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("53100") => {
+                Error::StorageFull(format!("PostgreSQL: {}", db.message()))
+            }
             e if postgres::is_disconnect(&e) => Error::Unavailable(format!(
                 "the database cannot be reached ({e})"
             )),
@@ -374,6 +382,7 @@ impl Store {
             closed,
             failed,
             reachable: opened.reachable,
+            writable: opened.writable,
             writer: tx,
             writer_bytes: Arc::new(Semaphore::new(writer_queue_bytes)),
             writer_queue_bytes,
@@ -396,6 +405,12 @@ impl Store {
     /// back (health reports NOT_SERVING meanwhile).
     pub fn reachable(&self) -> watch::Receiver<bool> {
         self.reachable.clone()
+    }
+
+    /// Whether writes commit, updated as the disk fills and frees (health's
+    /// `agsync.writes`, the `agsync_storage_writable` gauge).
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.writable.clone()
     }
 
     /// Stops taking writes, lets the writer commit what is queued, joins
@@ -542,11 +557,12 @@ impl Store {
     /// Sets the store's gauges (queue depth, oldest replayable seq, pool
     /// connections) for a metrics scrape.
     pub async fn observe(&self) {
-        use crate::telemetry::{OLDEST_REPLAYABLE_SEQ, WRITER_QUEUE_DEPTH};
+        use crate::telemetry::{OLDEST_REPLAYABLE_SEQ, STORAGE_WRITABLE, WRITER_QUEUE_DEPTH};
         let queued = self.writer.max_capacity() - self.writer.capacity();
         #[allow(clippy::cast_precision_loss)] // gauges of counts well below 2^52
         {
             metrics::gauge!(WRITER_QUEUE_DEPTH).set(queued as f64);
+            metrics::gauge!(STORAGE_WRITABLE).set(f64::from(u8::from(*self.writable.borrow())));
             if let Ok(counters) = self.reads.counters().await {
                 metrics::gauge!(OLDEST_REPLAYABLE_SEQ).set((counters.pruned_through + 1) as f64);
             }

@@ -40,6 +40,7 @@ pub const SUBSCRIBER_OVERFLOWS: &str = "agsync_subscriber_overflows_total";
 pub const SUBSCRIBER_CATCHUPS: &str = "agsync_subscriber_catchups_total";
 pub const REPLAYED_EVENTS: &str = "agsync_replayed_events_total";
 pub const LOG_GAPS: &str = "agsync_log_gaps_total";
+pub const STORAGE_WRITABLE: &str = "agsync_storage_writable";
 pub const REQUESTS_DEDUPLICATED: &str = "agsync_requests_deduplicated_total";
 pub const AUTH_FAILURES: &str = "agsync_auth_failures_total";
 pub const PG_POOL_CONNECTIONS: &str = "agsync_pg_pool_connections";
@@ -165,6 +166,10 @@ fn describe() {
     describe_counter!(
         REPLAYED_EVENTS,
         "Notifications delivered from the event log (replay after since, and catch-up)."
+    );
+    describe_gauge!(
+        STORAGE_WRITABLE,
+        "1 while writes commit; 0 while the store cannot take them (the disk is full, or the file is locked by another process): writes are refused with RESOURCE_EXHAUSTED or UNAVAILABLE, reads go on, and the writer retries by itself."
     );
     describe_counter!(
         LOG_GAPS,

@@ -255,6 +255,9 @@ pub(super) async fn open(
         reads: Box::new(Reads { pool, link }),
         tasks,
         reachable,
+        // PostgreSQL reports its own full disk to the writer's calls; the
+        // node's health follows reachability.
+        writable: watch::channel(true).1,
     })
 }
 

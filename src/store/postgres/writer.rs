@@ -24,8 +24,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
 
 use super::super::batch::{
-    self, Answer, Current, DocRow, Engine, Queued, RequestExpiry, RequestRow, Retention, State,
-    StoredRequest, Tail, Tx, aliases_json, attributes_json,
+    self, Answer, Committed, Current, DocRow, Engine, Queued, RequestExpiry, RequestRow, Retention,
+    State, StoredRequest, Tail, Tx, aliases_json, attributes_json,
 };
 use super::super::{rows, to_i64, to_u64};
 use super::Link;
@@ -134,7 +134,7 @@ async fn lock(conn: &mut PgConnection, ops: &[batch::Op], retention: Retention) 
 }
 
 impl Engine for Writer {
-    async fn commit(&mut self, queued: Vec<Queued>) -> bool {
+    async fn commit(&mut self, queued: Vec<Queued>) -> Committed {
         let (ops, permits) = batch::unzip(queued);
         let requests = ops.len();
         let mut events = Vec::new();
@@ -174,7 +174,7 @@ impl Engine for Writer {
             Ok(()) => {
                 let Some(last) = events.last().map(|e| e.seq) else {
                     answers.into_iter().for_each(Answer::send);
-                    return true;
+                    return Committed::Yes;
                 };
                 self.wake_local.notify_one();
                 self.wake_others.notify_one();
@@ -186,7 +186,7 @@ impl Engine for Writer {
                     answers.into_iter().for_each(Answer::send);
                     drop(permits);
                 });
-                true
+                Committed::Yes
             }
             Err(e) => {
                 let unreachable = matches!(e, Error::Unavailable(_) | Error::Busy(_));
@@ -201,13 +201,14 @@ impl Engine for Writer {
                     )),
                     Error::Unavailable(m) => Error::Unavailable(m.clone()),
                     Error::Busy(m) => Error::Busy(m.clone()),
+                    Error::StorageFull(m) => Error::StorageFull(m.clone()),
                     _ => Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
                             .into(),
                     ),
                 });
                 failed.into_iter().for_each(Answer::send);
-                false
+                Committed::failed_with(&e)
             }
         }
     }

@@ -100,7 +100,16 @@ pub(super) async fn open(
     let nudge = wal.nudge.clone();
     let (deliveries, deliveries_rx) = mpsc::channel(writer::DELIVERY_QUEUE);
     let expiry = batch::RequestExpiry::new(options.request_id_retention);
-    let writer = Writer::new(write_conn, last_seq, retention, wal, deliveries, expiry)?;
+    let (writable_tx, writable) = tokio::sync::watch::channel(true);
+    let writer = Writer::new(
+        write_conn,
+        last_seq,
+        retention,
+        wal,
+        deliveries,
+        expiry,
+        writable_tx,
+    )?;
     let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let (closed, failed) = (wiring.closed, wiring.failed);
     let checkpoint_conn = settings::sqlx_options(path, Role::Maintenance, durability)
@@ -141,6 +150,7 @@ pub(super) async fn open(
         }),
         tasks,
         reachable,
+        writable,
     })
 }
 
@@ -266,8 +276,21 @@ impl ReadPath for Reads {
 /// SQLite's own errors (the writer's and the replay reader's connections),
 /// like sqlx's (`store`): a storage failure.
 impl From<rusqlite::Error> for Error {
+    /// By cause: a full disk and a file locked by another process clear by
+    /// themselves (the writer retries, the node stays up); the rest is a
+    /// storage failure.
     fn from(e: rusqlite::Error) -> Self {
-        Error::Storage(Box::new(e))
+        use rusqlite::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => Error::StorageFull(format!("SQLite: {e}")),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::Busy(format!(
+                "the database file is locked by another process (a backup or an sqlite3 shell?): {e}"
+            )),
+            Some(ErrorCode::SystemIoFailure) => Error::Unavailable(format!(
+                "the server cannot write to its storage (I/O error: {e}); nothing of this request was applied"
+            )),
+            _ => Error::Storage(Box::new(e)),
+        }
     }
 }
 

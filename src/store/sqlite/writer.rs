@@ -24,8 +24,8 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::super::batch::{
-    self, Answer, Current, DbRow, Engine, Queued, RequestExpiry, RequestRow, Retention, State,
-    StoredRequest, Tail, Tx, aliases_json, attributes_json,
+    self, Answer, Committed, Current, DbRow, Engine, Queued, RequestExpiry, RequestRow, Retention,
+    State, StoredRequest, Tail, Tx, aliases_json, attributes_json,
 };
 use super::super::{Publisher, rows, to_i64};
 use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, RequestId, Result, Rev};
@@ -72,6 +72,8 @@ pub(super) struct Writer {
     over_bound_warned: Option<std::time::Instant>,
     deliveries: mpsc::Sender<Delivery>,
     expiry: RequestExpiry,
+    /// Whether the last batch committed (health's `agsync.writes`).
+    writable: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a batch hands to `deliver`: its events to publish, then the answers.
@@ -123,6 +125,7 @@ impl Writer {
         wal: WalBound,
         deliveries: mpsc::Sender<Delivery>,
         expiry: RequestExpiry,
+        writable: tokio::sync::watch::Sender<bool>,
     ) -> Result<Self> {
         let databases = load_databases(&conn)?;
         let last_db_id = conn
@@ -143,6 +146,7 @@ impl Writer {
                 expire_requests_before: None,
             },
             expiry,
+            writable,
             wal,
             over_bound_warned: None,
             deliveries,
@@ -214,7 +218,7 @@ impl Writer {
 }
 
 impl Engine for Writer {
-    async fn commit(&mut self, queued: Vec<Queued>) -> bool {
+    async fn commit(&mut self, queued: Vec<Queued>) -> Committed {
         let (ops, permits) = batch::unzip(queued);
         let before = (
             self.state.last_seq,
@@ -260,20 +264,38 @@ impl Engine for Writer {
             );
         }
         let committed = match outcome {
-            Ok(()) => true,
+            Ok(()) => Committed::Yes,
             Err(e) => {
-                tracing::error!(error = %e, "batch failed; it is rolled back");
+                let committed = Committed::failed_with(&e);
+                if committed == Committed::NoForNow {
+                    tracing::warn!(error = %e, "batch failed; it is rolled back, and the writer will try again");
+                } else {
+                    tracing::error!(error = %e, "batch failed; it is rolled back");
+                }
                 self.restore(before.0, before.1, before.2);
                 events.clear();
-                answers = batch::failing_all(answers, || {
-                    Error::Storage(
+                answers = batch::failing_all(answers, || match &e {
+                    Error::StorageFull(m) => Error::StorageFull(m.clone()),
+                    Error::Busy(m) => Error::Busy(m.clone()),
+                    Error::Unavailable(m) => Error::Unavailable(m.clone()),
+                    _ => Error::Storage(
                         "the transaction failed to commit; nothing of this request was applied"
                             .into(),
-                    )
+                    ),
                 });
-                false
+                committed
             }
         };
+        if self.writable.send_if_modified(|writable| {
+            let now = committed == Committed::Yes;
+            std::mem::replace(writable, now) != now
+        }) {
+            if committed == Committed::Yes {
+                tracing::info!("the store takes writes again");
+            } else {
+                tracing::warn!("the store cannot take writes for now; reads go on");
+            }
+        }
         hand_over(
             &self.deliveries,
             Delivery {
@@ -284,7 +306,7 @@ impl Engine for Writer {
             },
         )
         .await;
-        if committed {
+        if committed == Committed::Yes {
             let wal = self.wal.len();
             if wal > self.wal.max_bytes / 2 {
                 self.truncate_wal();
@@ -569,7 +591,8 @@ mod tests {
         );
         tokio::spawn(deliver(rx, hub));
         let expiry = RequestExpiry::new(Duration::from_secs(86_400));
-        Writer::new(conn, 0, retention, wal, deliveries, expiry).unwrap()
+        let (writable, _) = tokio::sync::watch::channel(true);
+        Writer::new(conn, 0, retention, wal, deliveries, expiry, writable).unwrap()
     }
 
     /// Commits `ops` as one batch.
@@ -582,7 +605,7 @@ mod tests {
                 permit: budget.clone().try_acquire_owned().ok(),
             })
             .collect();
-        assert!(w.commit(queued).await);
+        assert_eq!(w.commit(queued).await, Committed::Yes);
     }
 
     type Written = oneshot::Receiver<Result<crate::store::Written>>;
