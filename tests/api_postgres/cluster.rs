@@ -522,3 +522,65 @@ async fn a_postgresql_node_reports_its_pool() {
     assert_eq!(page.value("agsync_writes_committed_total", &[]), 1.0);
     assert_eq!(page.value("agsync_head_seq", &[]), 1.0);
 }
+
+/// When PostgreSQL goes away, calls fail with UNAVAILABLE within 1 s: the
+/// first read and the first write included, not only those made after the
+/// node has noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_within_a_second_when_postgresql_goes_away() {
+    if std::env::var_os("AGSYNC_TEST_POSTGRES_URL").is_some() {
+        return; // that server is not ours to stop
+    }
+    let cluster =
+        Arc::new(crate::pg::OwnCluster::start().unwrap_or_else(|why| crate::pg::skip(&why)));
+    let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::Executor::execute(&mut admin, "CREATE DATABASE agsync")
+        .await
+        .unwrap();
+    drop(admin);
+    let url = cluster.url("agsync");
+    let node = TestServer::start_with(move |c| c.db = url.into()).await;
+    let mut c = node.client.clone();
+    create_db(&mut c, "db").await;
+    put(&mut c, "db", "x", "", json!({})).await.unwrap();
+    get(&mut c, "db", "x").await.unwrap();
+
+    let stopping = cluster.clone();
+    tokio::task::spawn_blocking(move || stopping.stop_fast())
+        .await
+        .unwrap();
+    for call in ["get", "put", "changes"] {
+        let started = std::time::Instant::now();
+        let status = match call {
+            "get" => get(&mut c, "db", "x").await.map(|_| ()),
+            "put" => put(&mut c, "db", "y", "", json!({})).await.map(|_| ()),
+            _ => c
+                .changes(ChangesRequest {
+                    database: "db".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        }
+        .expect_err("PostgreSQL is down");
+        let took = started.elapsed();
+        assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+        assert!(took < Duration::from_secs(1), "{call} took {took:?}");
+    }
+    let starting = cluster.clone();
+    tokio::task::spawn_blocking(move || starting.start_again())
+        .await
+        .unwrap();
+    let recovered = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if put(&mut c, "db", "z", "", json!({})).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(recovered.is_ok(), "the node did not recover");
+}

@@ -122,6 +122,31 @@ impl Link {
         self.check()?;
         self.observe(call.await)
     }
+
+    /// `guard` for a call that may be abandoned midway (a read, or the
+    /// writer's wait for a connection, before it sent anything): it ends
+    /// with UNAVAILABLE as soon as any task of the node sees PostgreSQL
+    /// gone (the LISTEN connection breaks at once when the server stops,
+    /// and the tailer's read then fails), instead of waiting out the pool's
+    /// connect retries (up to --read-timeout-secs).
+    async fn guard_abandonable<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        self.check()?;
+        let mut up = self.up.subscribe();
+        tokio::select! {
+            result = call => self.observe(result),
+            Ok(_) = up.wait_for(|up| !*up) => Err(self.down()),
+        }
+    }
+
+    /// A connection from `pool`, or UNAVAILABLE as soon as PostgreSQL is
+    /// seen gone.
+    pub(super) async fn acquire(
+        &self,
+        pool: &PgPool,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.guard_abandonable(async { Ok(pool.acquire().await?) })
+            .await
+    }
 }
 
 /// The read side: a pool shared with the writer.
@@ -299,7 +324,7 @@ impl Reads {
     /// The highest committed seq, and the seq the log is pruned through.
     pub(super) async fn counters(&self) -> Result<Counters> {
         self.link
-            .guard(async move { read_counters(&self.pool).await })
+            .guard_abandonable(async move { read_counters(&self.pool).await })
             .await
     }
 
@@ -313,7 +338,7 @@ impl Reads {
         }: ChangesQuery<'_>,
         take: &mut TakeChange<'_>,
     ) -> Result<ChangesPage> {
-        self.link.guard(async move {
+        self.link.guard_abandonable(async move {
             let mut tx = self.snapshot().await?;
             let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
                 .bind(database.as_str())
@@ -353,7 +378,7 @@ impl Reads {
             max_bytes,
         } = query;
         self.link
-            .guard(async move {
+            .guard_abandonable(async move {
                 let mut tx = self.snapshot().await?;
                 let Counters {
                     last_seq: head,
@@ -391,7 +416,7 @@ impl Reads {
     }
 
     pub(super) async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
-        self.link.guard(async move {
+        self.link.guard_abandonable(async move {
             let rows = sqlx::query(
                 "SELECT name, sync_key, doc_count, update_seq, created_seq FROM databases ORDER BY name",
             )
@@ -404,7 +429,7 @@ impl Reads {
 
     pub(super) async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
         self.link
-            .guard(async move {
+            .guard_abandonable(async move {
                 let row = sqlx::query(
                     "SELECT db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM databases db \
                  LEFT JOIN docs d ON d.db_id = db.id AND d.id = $2 WHERE db.name = $1",

@@ -147,7 +147,9 @@ impl Engine for Writer {
         let mut ops = Some(ops);
         let outcome = link
             .guard(async {
-                let mut conn = self.pool.acquire().await?;
+                // Nothing is sent until a connection is in hand, so this
+                // wait may end early when PostgreSQL is seen gone.
+                let mut conn = link.acquire(&self.pool).await?;
                 let ops = ops.take().unwrap_or_default();
                 let result = self
                     .transact(&mut conn, ops, &mut events, &mut answers)
