@@ -3,7 +3,7 @@
 # overhead"): get-64 for 12 s against agsync with and without
 # --metrics-listen (scraped once a second), `perf record` of the server for
 # 5 s in the middle, then the share of CPU samples in the metrics crates and
-# in the request layer (src/telemetry.rs). Needs perf (Debian: linux-perf).
+# in the request layer (src/api/calls.rs). Needs perf (Debian: linux-perf).
 # Usage: bench/metrics-profile.sh [dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
