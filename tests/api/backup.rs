@@ -134,6 +134,14 @@ async fn a_backup_under_writes_is_the_store_as_of_one_seq() {
     let (ok, _, stderr) = run_backup(&srv.db_path(), &dest);
     assert!(!ok);
     assert!(stderr.contains("already exists"), "{stderr}");
+    // A file never served (not in WAL mode), such as the copy before a
+    // server opened it, backs up too.
+    let never_served = dir.path().join("never-served.db");
+    let (ok, _, stderr) = run_backup(&srv.db_path(), &never_served);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = run_backup(&never_served, &dir.path().join("again.db"));
+    assert!(ok, "a backup of a backup: {stderr}");
+    assert!(stdout.contains("through seq"), "{stdout}");
     // A missing store is an error, not a new empty one.
     let (ok, _, stderr) = run_backup(&dir.path().join("missing.db"), &dir.path().join("x.db"));
     assert!(!ok);

@@ -45,8 +45,14 @@ pub(super) fn pragmas(role: Role, durability: Durability) -> Vec<(&'static str, 
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
-    let mut pragmas = vec![
-        ("journal_mode", "WAL"),
+    let mut pragmas = Vec::new();
+    // WAL is a property of the file, set by the connections that may write
+    // it; a read-only connection cannot set it (a file never served, such as
+    // a fresh backup, is not in WAL mode yet, and reading it must work).
+    if !role.read_only() {
+        pragmas.push(("journal_mode", "WAL"));
+    }
+    pragmas.extend([
         ("synchronous", synchronous),
         ("foreign_keys", "ON"),
         // A 64 MiB page cache per connection (2 MiB for a replay reader,
@@ -62,7 +68,7 @@ pub(super) fn pragmas(role: Role, durability: Durability) -> Vec<(&'static str, 
         ),
         ("mmap_size", "268435456"),
         ("temp_store", "MEMORY"),
-    ];
+    ]);
     if role == Role::Writer {
         pragmas.push(("wal_autocheckpoint", "0"));
     }
