@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agsync::pb::ChangesRequest;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -95,25 +94,7 @@ async fn a_backup_under_writes_is_the_store_as_of_one_seq() {
     let mut expected: Vec<u64> = acked.iter().map(|a| a.3).filter(|q| *q <= s).collect();
     expected.sort_unstable();
     assert_eq!(expected, (1..=s).collect::<Vec<_>>(), "acked seqs up to S");
-    let mut seqs = Vec::new();
-    let mut since = 0;
-    loop {
-        let page = b
-            .changes(ChangesRequest {
-                database: "db".into(),
-                since,
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.changes.is_empty() {
-            break;
-        }
-        seqs.extend(page.changes.iter().map(|c| c.seq));
-        since = page.last_seq;
-    }
+    let seqs = all_change_seqs(&b, "db").await;
     assert_eq!(seqs, expected);
     // The log replays gap-free up to S.
     let mut replay = subscribe(&mut b, &[&db.sync_key], Some(0), "")

@@ -551,3 +551,36 @@ pub fn self_signed_tls(
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     (cert, cert_path, key_path)
 }
+
+/// Every change of `database`, from the start, paged with `last_seq` until
+/// an empty page.
+pub async fn all_changes(client: &Client, database: &str) -> Vec<pb::Change> {
+    let (mut all, mut since) = (Vec::new(), 0);
+    loop {
+        let page = client
+            .clone()
+            .changes(pb::ChangesRequest {
+                database: database.into(),
+                since,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.changes.is_empty() {
+            return all;
+        }
+        all.extend(page.changes);
+        since = page.last_seq;
+    }
+}
+
+/// The seq of every change of `database` (see `all_changes`).
+pub async fn all_change_seqs(client: &Client, database: &str) -> Vec<u64> {
+    all_changes(client, database)
+        .await
+        .iter()
+        .map(|c| c.seq)
+        .collect()
+}

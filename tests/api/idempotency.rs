@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 
 use agsync::pb::{
-    BulkPutItem, BulkPutRequest, ChangesRequest, CreateDatabaseRequest, DeleteDatabaseRequest,
-    DeleteRequest, PutRequest,
+    BulkPutItem, BulkPutRequest, CreateDatabaseRequest, DeleteDatabaseRequest, DeleteRequest,
+    PutRequest,
 };
 use serde_json::{Value, json};
 use tonic::Code;
@@ -36,16 +36,8 @@ async fn put_with(
 
 /// Every change of "db", as (id, generation, seq).
 async fn changes(client: &mut Client) -> Vec<(String, u64, u64)> {
-    client
-        .changes(ChangesRequest {
-            database: "db".into(),
-            limit: 10_000,
-            ..Default::default()
-        })
+    all_changes(client, "db")
         .await
-        .unwrap()
-        .into_inner()
-        .changes
         .into_iter()
         .map(|c| (c.id, generation(&c.rev), c.seq))
         .collect()

@@ -51,29 +51,6 @@ async fn notifications(stream: &mut Events, n: usize) -> Vec<agsync::pb::Notific
     out
 }
 
-/// Every seq in `database`'s Changes, paged with last_seq.
-async fn all_change_seqs(client: &Client, database: &str) -> Vec<u64> {
-    let (mut seqs, mut since) = (Vec::new(), 0);
-    loop {
-        let page = client
-            .clone()
-            .changes(ChangesRequest {
-                database: database.into(),
-                since,
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.changes.is_empty() {
-            return seqs;
-        }
-        seqs.extend(page.changes.iter().map(|c| c.seq));
-        since = page.last_seq;
-    }
-}
-
 #[tokio::test]
 async fn a_write_on_one_node_reaches_a_subscriber_on_the_other() {
     let (a, b, _dir) = two_nodes().await;

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use agsync::pb::ChangesRequest;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -32,16 +31,8 @@ fn run(program: &PathBuf, args: &[&str]) {
 }
 
 async fn state(c: &mut Client, key: &str) -> (Vec<(String, String, u64)>, Vec<u64>) {
-    let changes = c
-        .changes(ChangesRequest {
-            database: "db".into(),
-            limit: 10_000,
-            ..Default::default()
-        })
+    let changes = all_changes(c, "db")
         .await
-        .unwrap()
-        .into_inner()
-        .changes
         .into_iter()
         .map(|ch| (ch.id, ch.rev, ch.seq))
         .collect();
