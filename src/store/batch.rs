@@ -605,6 +605,18 @@ impl Committed {
     }
 }
 
+/// Reports whether the store takes writes now (health's `agsync.writes`,
+/// the `agsync_storage_writable` gauge), and logs each change.
+pub(super) fn set_writable(writable: &tokio::sync::watch::Sender<bool>, now: bool) {
+    if writable.send_if_modified(|writable| std::mem::replace(writable, now) != now) {
+        if now {
+            tracing::info!("the store takes writes again");
+        } else {
+            tracing::warn!("the store cannot take writes for now; reads go on");
+        }
+    }
+}
+
 /// The pause after a batch that failed for a passing cause, doubling from
 /// 50 ms to at most 1 s while they go on: a full disk is not hammered.
 fn pause_after(failures: u32) -> Duration {

@@ -169,7 +169,7 @@ fn describe() {
     );
     describe_gauge!(
         STORAGE_WRITABLE,
-        "1 while writes commit; 0 while the store cannot take them (the disk is full, or the file is locked by another process): writes are refused with RESOURCE_EXHAUSTED or UNAVAILABLE, reads go on, and the writer retries by itself."
+        "1 while writes commit; 0 while the store cannot take them (the disk is full, PostgreSQL's included, or a SQLite file is locked by another process): writes are refused with RESOURCE_EXHAUSTED or UNAVAILABLE, reads go on, and the writer retries by itself."
     );
     describe_counter!(
         LOG_GAPS,

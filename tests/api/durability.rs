@@ -284,11 +284,12 @@ async fn a_writer_that_cannot_write_refuses_writes_and_keeps_serving() {
     assert!(status.success(), "{status:?}");
 }
 
-const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
 /// The health status of `service`.
-async fn health_of(channel: &tonic::transport::Channel, service: &str) -> i32 {
+pub async fn health_of(channel: &tonic::transport::Channel, service: &str) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest {
             service: service.into(),
@@ -300,12 +301,12 @@ async fn health_of(channel: &tonic::transport::Channel, service: &str) -> i32 {
 }
 
 /// A small tmpfs mounted for one test (root only), unmounted when dropped.
-struct SmallDisk {
+pub struct SmallDisk {
     dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount(megabytes: u32) -> Result<SmallDisk, String> {
+    pub fn mount(megabytes: u32) -> Result<SmallDisk, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("mounting a tmpfs needs root".into());
@@ -325,7 +326,7 @@ impl SmallDisk {
         Ok(SmallDisk { dir })
     }
 
-    fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
 }

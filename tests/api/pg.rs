@@ -203,9 +203,19 @@ impl OwnCluster {
 
     /// `pg_ctl stop -m fast`: the server goes away under its clients.
     pub fn stop_fast(&self) {
+        self.stop_with("fast");
+    }
+
+    /// `pg_ctl stop -m immediate`: the server crashes (it recovers from
+    /// its WAL on the next start).
+    pub fn crash(&self) {
+        self.stop_with("immediate");
+    }
+
+    fn stop_with(&self, mode: &str) {
         self.pg(
             "pg_ctl",
-            &["-D", &self.path("data"), "-m", "fast", "-w", "stop"],
+            &["-D", &self.path("data"), "-m", mode, "-w", "stop"],
         )
         .expect("pg_ctl stop");
     }

@@ -37,7 +37,10 @@ mod server;
 mod sync;
 
 mod cluster;
+mod full_disk;
 mod idempotent_nodes;
+mod linearizable;
+mod nemesis;
 mod restore;
 mod retention;
 mod tls;

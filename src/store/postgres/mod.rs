@@ -237,6 +237,7 @@ pub(super) async fn open(
         target: target.into(),
     };
     let wake_others = Arc::new(Notify::new());
+    let (writable_tx, writable) = watch::channel(true);
     let writer = writer::Writer {
         pool: pool.clone(),
         retention: Retention {
@@ -248,6 +249,7 @@ pub(super) async fn open(
         published,
         link: link.clone(),
         expiry: super::batch::RequestExpiry::new(options.request_id_retention),
+        writable: writable_tx,
     };
     let tailer = tail::Tailer {
         connect,
@@ -280,9 +282,7 @@ pub(super) async fn open(
         reads: Box::new(Reads { pool, link }),
         tasks,
         reachable,
-        // PostgreSQL reports its own full disk to the writer's calls; the
-        // node's health follows reachability.
-        writable: watch::channel(true).1,
+        writable,
     })
 }
 

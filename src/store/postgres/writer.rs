@@ -46,6 +46,9 @@ pub(super) struct Writer {
     pub published: watch::Receiver<u64>,
     pub link: Link,
     pub expiry: RequestExpiry,
+    /// Down while PostgreSQL refuses writes for a full disk (53100), up
+    /// after the next commit. Unreachability is `link`'s to report.
+    pub writable: watch::Sender<bool>,
 }
 
 impl Writer {
@@ -171,6 +174,11 @@ impl Engine for Writer {
         let took = started.elapsed();
         if took > Duration::from_millis(500) {
             tracing::warn!(?took, requests, "a batch took long to commit");
+        }
+        match &outcome {
+            Ok(()) => batch::set_writable(&self.writable, true),
+            Err(Error::StorageFull(_)) => batch::set_writable(&self.writable, false),
+            Err(_) => {}
         }
         match outcome {
             Ok(()) => {

@@ -286,16 +286,7 @@ impl Engine for Writer {
                 committed
             }
         };
-        if self.writable.send_if_modified(|writable| {
-            let now = committed == Committed::Yes;
-            std::mem::replace(writable, now) != now
-        }) {
-            if committed == Committed::Yes {
-                tracing::info!("the store takes writes again");
-            } else {
-                tracing::warn!("the store cannot take writes for now; reads go on");
-            }
-        }
+        batch::set_writable(&self.writable, committed == Committed::Yes);
         hand_over(
             &self.deliveries,
             Delivery {
