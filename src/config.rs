@@ -172,9 +172,13 @@ pub struct Config {
     pub max_response_bytes: usize,
 
     /// Most concurrent calls (HTTP/2 streams) per client connection; a
-    /// client opening more waits for one to finish (HTTP/2 flow control).
-    #[arg(long, default_value_t = 256)]
-    pub max_concurrent_streams: u32,
+    /// client opening more holds them back until one ends (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS). Reaching it is logged and counted
+    /// (agsync_connection_streams_full_total). Default: --max-subscribers
+    /// plus --max-in-flight, so one connection (a gateway's) can carry
+    /// every call the server takes; those two bound memory in total.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_streams: Option<u32>,
 
     /// Most calls other than Subscribe being served at once across the
     /// server. Past it, calls fail at once with UNAVAILABLE, which standard
@@ -324,6 +328,15 @@ impl Config {
         config.db = Location::from(path.into());
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config
+    }
+
+    /// `--max-concurrent-streams`, or its default: every Subscribe stream
+    /// and every other call the server takes at once.
+    pub fn streams_per_connection(&self) -> u32 {
+        let default = self.max_subscribers.saturating_add(self.max_in_flight);
+        self.max_concurrent_streams
+            .unwrap_or_else(|| u32::try_from(default).unwrap_or(u32::MAX))
+            .max(1)
     }
 
     pub fn subscriber_limits(&self) -> SubscriberLimits {

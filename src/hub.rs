@@ -154,10 +154,9 @@ impl Hub {
     ) -> Result<(Registration, u64)> {
         let mut registry = self.registry();
         if registry.total >= self.limits.total {
-            return Err(Error::Exhausted(format!(
-                "the server has {} open subscriptions, its limit (--max-subscribers); retry later",
-                registry.total
-            )));
+            return Err(Error::SubscribersFull {
+                open: registry.total,
+            });
         }
         let mine = registry.per_principal.get(principal).copied().unwrap_or(0);
         if mine >= self.limits.per_principal {

@@ -57,6 +57,7 @@ async fn run() -> std::process::ExitCode {
         None => {}
     }
     let config = cli.config;
+    raise_open_file_limit();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -69,6 +70,40 @@ async fn run() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "agsync failed");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Each connection takes a file descriptor, and 1024 (a common soft
+/// limit) is far below what the server serves: the soft limit is raised to
+/// the hard one, and the log says so.
+fn raise_open_file_limit() {
+    /// Below this many, thousands of clients cannot all connect.
+    const WANTED: u64 = 65_536;
+    let before = rlimit::Resource::NOFILE.get().ok();
+    // A privileged process may raise the hard limit too (up to the
+    // kernel's fs.nr_open); elsewhere this fails and changes nothing.
+    if before.is_some_and(|(_, hard)| hard < WANTED) {
+        let _ = rlimit::Resource::NOFILE.set(WANTED, WANTED);
+    }
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => {
+            if before.is_some_and(|(soft, _)| soft < now) {
+                tracing::info!(
+                    from = before.map(|(soft, _)| soft),
+                    to = now,
+                    "raised the open-file limit (RLIMIT_NOFILE) to its hard limit: each client connection takes one"
+                );
+            }
+            if now < WANTED {
+                tracing::warn!(
+                    limit = now,
+                    "the open-file limit is low: at most about this many clients can connect at once; raise the hard limit (ulimit -Hn, LimitNOFILE=) to serve more"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
         }
     }
 }

@@ -28,6 +28,8 @@ use crate::store::Store;
 /// TCP keepalive probes use the same times (three unanswered probes).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/2 connection flow-control window (see `run`).
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Serves on `listener` until `shutdown` completes, then shuts down cleanly.
 /// Returns an error, after shutting down as cleanly as it can, if the gRPC
@@ -176,10 +178,18 @@ pub async fn run(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ],
             config.slow_request_ms,
+            config.streams_per_connection(),
         ))
+        // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM) when small
+        // DATA frames not yet read by their calls exceed half the
+        // connection window: with hyper's 1 MiB, about 2,000 calls opened
+        // at once on one connection (a gateway reconnecting its users'
+        // streams). 4 MiB takes about 9,000; calls read their message
+        // promptly, so the window is not memory held for long.
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(config.max_concurrent_streams.max(1)))
+        .max_concurrent_streams(Some(config.streams_per_connection()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -2,13 +2,16 @@
 //! gRPC and gRPC-Web alike): a tower layer in front of the services that
 //! records the go-grpc-prometheus metrics (`telemetry`'s names) and writes
 //! one log line when the call ends: `debug` normally, `warn` when it was
-//! slow (`--slow-request-ms`) or failed with INTERNAL. Must not: read or
-//! change a message.
+//! slow (`--slow-request-ms`) or failed with INTERNAL. It also counts each
+//! connection's open calls, to report a connection that reached
+//! `--max-concurrent-streams` (its client then queues further calls where
+//! the server cannot see them). Must not: read or change a message.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -16,10 +19,13 @@ use bytes::Bytes;
 use http_body::Frame;
 use metrics::{Counter, Histogram};
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderMap, Request, Response};
+use tonic::codegen::http::{Extensions, HeaderMap, Request, Response};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
 
-use crate::telemetry::{GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_MSG_SENT, GRPC_STARTED};
+use crate::telemetry::{
+    CONNECTION_STREAMS_FULL, GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_MSG_SENT, GRPC_STARTED,
+};
 
 /// Who made a call, filled in by the auth gate, for the request log.
 #[derive(Debug, Clone, Default)]
@@ -94,13 +100,14 @@ pub struct GrpcLayer {
     methods: Arc<HashMap<String, Arc<MethodMetrics>>>,
     unknown: Arc<MethodMetrics>,
     slow: Duration,
+    connections: Arc<ConnectionCalls>,
 }
 
 impl GrpcLayer {
     /// Every method of the services in `descriptor_sets` (encoded
     /// `FileDescriptorSet`s); `slow`: unary calls slower than this log a
-    /// warning.
-    pub fn new(descriptor_sets: &[&[u8]], slow: Duration) -> GrpcLayer {
+    /// warning; `per_connection`: the server's `--max-concurrent-streams`.
+    pub fn new(descriptor_sets: &[&[u8]], slow: Duration, per_connection: u32) -> GrpcLayer {
         use prost::Message;
         let mut methods = HashMap::new();
         for set in descriptor_sets {
@@ -130,8 +137,105 @@ impl GrpcLayer {
             methods: Arc::new(methods),
             unknown: Arc::new(MethodMetrics::new("unknown", "unknown", "unknown")),
             slow,
+            connections: Arc::new(ConnectionCalls::new(per_connection)),
         }
     }
+}
+
+/// The open calls of each connection, by its peer's address (one HTTP/2
+/// connection per TCP connection), against the limit the server announces
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`): a client at the limit queues its
+/// next calls without a word to the server, so reaching it is counted and
+/// logged here.
+struct ConnectionCalls {
+    limit: u32,
+    open: Mutex<HashMap<SocketAddr, u32>>,
+    /// When the last warning was logged: at most one per `WARN_EVERY`.
+    warned: Mutex<Option<Instant>>,
+}
+
+/// A call's place in its connection's count, given back when it ends.
+struct ConnectionCall {
+    calls: Arc<ConnectionCalls>,
+    peer: SocketAddr,
+}
+
+impl ConnectionCalls {
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(limit: u32) -> ConnectionCalls {
+        ConnectionCalls {
+            limit,
+            open: Mutex::new(HashMap::new()),
+            warned: Mutex::new(None),
+        }
+    }
+
+    /// Counts a call of the connection `extensions` come from; `None` for
+    /// a call without a TCP peer (tests serving a bare service).
+    fn open(self: &Arc<Self>, extensions: &Extensions) -> Option<ConnectionCall> {
+        let peer = peer(extensions)?;
+        let now_open = {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = open.entry(peer).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if now_open == self.limit {
+            self.reached(peer);
+        }
+        Some(ConnectionCall {
+            calls: self.clone(),
+            peer,
+        })
+    }
+
+    fn reached(&self, peer: SocketAddr) {
+        metrics::counter!(CONNECTION_STREAMS_FULL).increment(1);
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if warned.is_none_or(|at| at.elapsed() >= Self::WARN_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                %peer,
+                limit = self.limit,
+                "a connection has --max-concurrent-streams calls open: its client holds further calls back until one ends (raise the flag, or spread calls over more connections); logged at most every 10 s, counted in agsync_connection_streams_full_total"
+            );
+        }
+    }
+}
+
+impl Drop for ConnectionCall {
+    fn drop(&mut self) {
+        let mut open = self
+            .calls
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// The peer address tonic recorded for the call's connection, plain or TLS.
+fn peer(extensions: &Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
 }
 
 impl<S> tower::Layer<S> for GrpcLayer {
@@ -184,6 +288,7 @@ where
             slow: self.layer.slow,
             messages: 0,
             done: false,
+            _connection: self.layer.connections.open(request.extensions()),
         };
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -237,6 +342,8 @@ struct CallRecord {
     slow: Duration,
     messages: u64,
     done: bool,
+    /// Held for the call's whole life (a stream's included).
+    _connection: Option<ConnectionCall>,
 }
 
 impl CallRecord {
@@ -461,6 +568,7 @@ mod tests {
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
             ],
             Duration::from_secs(1),
+            100,
         );
         let kind = |path: &str| layer.methods.get(path).map(|m| m.kind);
         assert_eq!(kind("/agsync.v1.SyncService/Put"), Some("unary"));

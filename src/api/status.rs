@@ -88,6 +88,15 @@ impl From<Error> for Status {
                 with_details(Code::InvalidArgument, message, details)
             }
             Error::TooLarge { .. } | Error::Exhausted(_) => Status::resource_exhausted(message),
+            // Retryable: RetryInfo says when (gRPC's standard detail for it).
+            Error::SubscribersFull { .. } => with_details(
+                Code::ResourceExhausted,
+                message,
+                vec![
+                    error_info::<0>("SUBSCRIBERS_FULL", []),
+                    retry_info(SUBSCRIBE_RETRY_DELAY),
+                ],
+            ),
             Error::StorageFull(_) => with_details(
                 Code::ResourceExhausted,
                 message,
@@ -139,6 +148,23 @@ fn error_info<const N: usize>(reason: &str, metadata: [(&str, u64); N]) -> prost
 }
 
 /// A status with `google.rpc.Status` details in `grpc-status-details-bin`.
+/// How long a Subscribe refused for --max-subscribers is told to wait.
+const SUBSCRIBE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A `google.rpc.RetryInfo`: retry after `delay`.
+fn retry_info(delay: std::time::Duration) -> prost_types::Any {
+    let info = tonic_types::pb::RetryInfo {
+        retry_delay: Some(prost_types::Duration {
+            seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(delay.subsec_nanos()).unwrap_or(0),
+        }),
+    };
+    prost_types::Any {
+        type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+        value: info.encode_to_vec(),
+    }
+}
+
 fn with_details(code: Code, message: String, details: Vec<prost_types::Any>) -> Status {
     let rich = tonic_types::pb::Status {
         code: code as i32,

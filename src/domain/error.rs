@@ -75,6 +75,13 @@ pub enum Error {
     #[error("{0}")]
     Exhausted(String),
 
+    /// The server holds as many Subscribe streams as it allows
+    /// (--max-subscribers): a retry may succeed once others close.
+    #[error(
+        "the server has {open} open subscriptions, its limit (--max-subscribers); retry after a delay, or subscribe through another server"
+    )]
+    SubscribersFull { open: usize },
+
     /// The disk under the store is full: writes are refused until space is
     /// freed; reads go on.
     #[error(
@@ -121,7 +128,9 @@ impl Error {
         match self {
             Error::Conflict { .. } => "conflict",
             Error::Invalid { .. } | Error::RequestIdReused { .. } => "invalid",
-            Error::TooLarge { .. } | Error::Exhausted(_) => "too_large",
+            Error::TooLarge { .. } | Error::Exhausted(_) | Error::SubscribersFull { .. } => {
+                "too_large"
+            }
             Error::Unauthenticated(..) | Error::PermissionDenied(_) | Error::Revoked(_) => {
                 "forbidden"
             }

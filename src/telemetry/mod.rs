@@ -40,6 +40,7 @@ pub const SUBSCRIBER_OVERFLOWS: &str = "agsync_subscriber_overflows_total";
 pub const SUBSCRIBER_CATCHUPS: &str = "agsync_subscriber_catchups_total";
 pub const REPLAYED_EVENTS: &str = "agsync_replayed_events_total";
 pub const LOG_GAPS: &str = "agsync_log_gaps_total";
+pub const CONNECTION_STREAMS_FULL: &str = "agsync_connection_streams_full_total";
 pub const STORAGE_WRITABLE: &str = "agsync_storage_writable";
 pub const REQUESTS_DEDUPLICATED: &str = "agsync_requests_deduplicated_total";
 pub const AUTH_FAILURES: &str = "agsync_auth_failures_total";
@@ -93,6 +94,7 @@ pub fn install() -> PrometheusHandle {
                 REPLAYED_EVENTS,
                 LOG_GAPS,
                 REQUESTS_DEDUPLICATED,
+                CONNECTION_STREAMS_FULL,
             ] {
                 metrics::counter!(name).absolute(0);
             }
@@ -170,6 +172,10 @@ fn describe() {
     describe_gauge!(
         STORAGE_WRITABLE,
         "1 while writes commit; 0 while the store cannot take them (the disk is full, PostgreSQL's included, or a SQLite file is locked by another process): writes are refused with RESOURCE_EXHAUSTED or UNAVAILABLE, reads go on, and the writer retries by itself."
+    );
+    describe_counter!(
+        CONNECTION_STREAMS_FULL,
+        "Calls that brought their connection to --max-concurrent-streams open calls: its client holds further calls back until one ends."
     );
     describe_counter!(
         LOG_GAPS,

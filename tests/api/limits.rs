@@ -303,3 +303,140 @@ async fn large_requests_past_the_budget_are_refused_and_succeed_on_retry() {
         .into_inner();
     assert_eq!(page.changes.len(), 900);
 }
+
+/// A gateway multiplexes thousands of Subscribe streams on one connection:
+/// with the default per-connection limit (--max-subscribers plus
+/// --max-in-flight) 5,000 streams opened at once on one HTTP/2 connection
+/// all open. (With hyper's default 1 MiB connection window, h2's guard
+/// against floods of small DATA frames closed the connection with
+/// ENHANCE_YOUR_CALM after about 2,000: each request's message waits as a
+/// small frame until its call reads it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_thousands_of_streams_by_default() {
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let mut streams = Vec::new();
+    for _ in 0..5_000 {
+        let mut c = Client::new(channel.clone());
+        streams.push(tokio::spawn(async move {
+            let mut stream = subscribe(&mut c, &["gateway.key"], None, "").await.unwrap();
+            next_subscribed(&mut stream).await;
+            stream
+        }));
+    }
+    let mut open = Vec::new();
+    for s in streams {
+        open.push(
+            tokio::time::timeout(Duration::from_secs(60), s)
+                .await
+                .expect("every stream opens")
+                .unwrap(),
+        );
+    }
+    assert_eq!(open.len(), 5_000);
+}
+
+/// A connection at --max-concurrent-streams: its client holds the next
+/// call back (HTTP/2), and the server says so once, in its log and in
+/// agsync_connection_streams_full_total; the held call proceeds when one
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaching_the_per_connection_limit_is_logged_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ProcessServer::start_with(
+        &dir.path().join("db"),
+        &[
+            "--max-concurrent-streams",
+            "4",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    )
+    .await;
+    let channel = channel(server.addr).await;
+    let mut c = Client::new(channel.clone());
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = subscribe(&mut c, &["k"], None, "").await.unwrap();
+        next_subscribed(&mut stream).await;
+        streams.push(stream);
+    }
+    let page = crate::scrape::scrape(&server).await;
+    assert_eq!(page.value("agsync_connection_streams_full_total", &[]), 0.0);
+    let mut fourth = None;
+    server
+        .logs_after("--max-concurrent-streams calls open", || {
+            fourth = Some(tokio::spawn({
+                let mut c = c.clone();
+                async move {
+                    let mut s = subscribe(&mut c, &["k"], None, "").await.unwrap();
+                    next_subscribed(&mut s).await;
+                    s
+                }
+            }));
+        })
+        .await;
+    streams.push(fourth.unwrap().await.unwrap());
+    let page = crate::scrape::scrape(&server).await;
+    assert_eq!(page.value("agsync_connection_streams_full_total", &[]), 1.0);
+    // A fifth call on the same connection waits in the client...
+    let mut fifth = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.new_id(agsync::pb::NewIdRequest { count: 1 }).await }
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut fifth)
+            .await
+            .is_err(),
+        "a call past the limit was not held back"
+    );
+    // ...until a stream ends.
+    drop(streams.pop());
+    let id = tokio::time::timeout(Duration::from_secs(10), fifth)
+        .await
+        .expect("the held call proceeds once a stream ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(id.into_inner().ids.len(), 1);
+}
+
+/// Past --max-subscribers a Subscribe is refused with RESOURCE_EXHAUSTED
+/// carrying RetryInfo (retryable after a delay) and ErrorInfo
+/// SUBSCRIBERS_FULL; it succeeds once another stream has closed.
+#[tokio::test]
+async fn subscribers_past_the_cap_are_told_to_retry() {
+    use tonic_types::StatusExt;
+    let server = TestServer::start_with(|c| c.max_subscribers = 2).await;
+    let mut c = server.client.clone();
+    let mut first = subscribe(&mut c, &["k"], None, "").await.unwrap();
+    next_subscribed(&mut first).await;
+    let _second = subscribe(&mut c, &["k"], None, "").await.unwrap();
+    let refused = subscribe(&mut c, &["k"], None, "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("2 open subscriptions")
+            && refused.message().contains("--max-subscribers")
+            && refused.message().contains("retry"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        refused.get_details_error_info().expect("ErrorInfo").reason,
+        "SUBSCRIBERS_FULL"
+    );
+    let retry = refused.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+    drop(first);
+    let started = std::time::Instant::now();
+    loop {
+        match subscribe(&mut c, &["k"], None, "").await {
+            Ok(_) => break,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(started.elapsed() < Duration::from_secs(5), "never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

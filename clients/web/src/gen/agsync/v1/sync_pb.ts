@@ -1226,7 +1226,10 @@ export const SyncService: GenService<{
    * carries an ErrorInfo with reason "SHUTTING_DOWN" and metadata {"since"}:
    * subscribe again with that since to resume without gap or duplicate. It
    * ends with UNAUTHENTICATED if its token is revoked (the server reloads
-   * its auth file on SIGHUP).
+   * its auth file on SIGHUP). When the server already holds as many
+   * streams as it allows (--max-subscribers), Subscribe fails with
+   * RESOURCE_EXHAUSTED carrying ErrorInfo "SUBSCRIBERS_FULL" and a
+   * google.rpc.RetryInfo: retry after its delay, or through another node.
    *
    * @generated from rpc agsync.v1.SyncService.Subscribe
    */
