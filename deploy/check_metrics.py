@@ -15,8 +15,7 @@ code names; the page ends with a newline.
 Then every metric name that a PromQL expression of the dashboard refers to
 (panel and annotation `expr`s, and the templating queries) must be served by
 at least one of the URLs: a SQLite node does not serve the PostgreSQL pool's
-gauge and a PostgreSQL node does not serve the SQLite read batches, so pass
-one of each to cover everything.
+gauge, so pass one of each to cover everything.
 
 With --readme, the metric names in the first column of the markdown table
 between `<!-- metrics-table:start -->` and `<!-- metrics-table:end -->` must

@@ -10,6 +10,7 @@
 //! and nothing above it knows which backend it talks to.
 
 mod batch;
+mod gets;
 mod postgres;
 mod rows;
 mod sqlite;

@@ -143,10 +143,7 @@ fn describe() {
         WRITER_QUEUE_DEPTH,
         "Writes waiting for the writer (--writer-queue is the most)."
     );
-    describe_histogram!(
-        READ_BATCH_SIZE,
-        "Gets answered per coalesced query (SQLite)."
-    );
+    describe_histogram!(READ_BATCH_SIZE, "Gets answered per coalesced query.");
     describe_gauge!(HEAD_SEQ, "The highest committed seq.");
     describe_gauge!(
         OLDEST_REPLAYABLE_SEQ,

@@ -454,3 +454,64 @@ async fn concurrent_cas_updates_lose_nothing() {
         );
     }
 }
+
+/// Gets coalesced into shared queries each get their own answer: 400 at
+/// once over 4 connections, mixing live documents (exact rev and body), a
+/// deleted one, a missing one, and a missing database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_each_get_their_own_answer() {
+    let server = TestServer::start().await;
+    let mut c = server.client.clone();
+    create_db(&mut c, "many").await;
+    let mut revs = Vec::new();
+    for i in 0..50 {
+        let written = put(&mut c, "many", &format!("d{i}"), "", json!({"i": i}))
+            .await
+            .unwrap();
+        revs.push(written.rev);
+    }
+    let gone = put(&mut c, "many", "gone", "", json!({})).await.unwrap();
+    c.delete(agsync::pb::DeleteRequest {
+        database: "many".into(),
+        id: "gone".into(),
+        rev: gone.rev,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::new(server.channel().await));
+    }
+    let revs = std::sync::Arc::new(revs);
+    let calls: Vec<_> = (0..400usize)
+        .map(|k| {
+            let mut c = clients[k % 4].clone();
+            let revs = revs.clone();
+            tokio::spawn(async move {
+                match k % 5 {
+                    0 => assert_status(
+                        get(&mut c, "nosuchdb", "d1").await,
+                        Code::NotFound,
+                        "nosuchdb",
+                    ),
+                    1 => assert_status(
+                        get(&mut c, "many", "missing").await,
+                        Code::NotFound,
+                        "missing",
+                    ),
+                    2 => assert_status(get(&mut c, "many", "gone").await, Code::NotFound, "gone"),
+                    _ => {
+                        let i = k % 50;
+                        let doc = get(&mut c, "many", &format!("d{i}")).await.unwrap();
+                        assert_eq!(doc.rev, revs[i], "d{i}");
+                        assert_eq!(json(doc.body.as_ref().unwrap()), json!({"i": i}));
+                    }
+                }
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+}

@@ -33,9 +33,10 @@ use futures_util::TryStreamExt;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::batch::Retention;
+use super::gets::{self, GetRequest, PointReads};
 use super::rows;
 use super::{
     COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
@@ -153,6 +154,8 @@ impl Link {
 pub(super) struct Reads {
     pool: PgPool,
     link: Link,
+    /// Point reads, coalesced by `gets::dispatch`.
+    gets: mpsc::Sender<GetRequest>,
 }
 
 /// Connects, migrates (sqlx takes an advisory lock, so nodes starting at
@@ -238,6 +241,7 @@ pub(super) async fn open(
     };
     let wake_others = Arc::new(Notify::new());
     let (writable_tx, writable) = watch::channel(true);
+    let (gets, gets_rx) = mpsc::channel(options.writer_queue.max(1));
     let writer = writer::Writer {
         pool: pool.clone(),
         retention: Retention {
@@ -268,6 +272,11 @@ pub(super) async fn open(
         ),
         supervise("event tailer", failed.clone(), tailer.run(last_seq)),
         supervise(
+            "read dispatcher",
+            failed.clone(),
+            gets::dispatch(PgGets(pool.clone()), gets_rx, closed.clone()),
+        ),
+        supervise(
             "listener",
             failed.clone(),
             tail::listen(pool.clone(), wake_local, closed.clone()),
@@ -279,7 +288,7 @@ pub(super) async fn open(
         ),
     ];
     Ok(super::Opened {
-        reads: Box::new(Reads { pool, link }),
+        reads: Box::new(Reads { pool, link, gets }),
         tasks,
         reachable,
         writable,
@@ -429,23 +438,43 @@ impl Reads {
 
     pub(super) async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
         self.link
-            .guard_abandonable(async move {
-                let row = sqlx::query(
-                    "SELECT db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM databases db \
-                 LEFT JOIN docs d ON d.db_id = db.id AND d.id = $2 WHERE db.name = $1",
-                )
-                .bind(database.as_str())
-                .bind(id.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-                match row
-                    .map(|row| rows::lookup(database, id, &row))
-                    .transpose()?
-                {
-                    Some(Some(found)) => found,
-                    _ => Err(Error::DatabaseNotFound(database.to_string())),
-                }
-            })
+            .guard_abandonable(gets::get(&self.gets, database, id))
             .await
+    }
+}
+
+/// Coalesced Gets on the pool (see `gets`): one statement for a batch,
+/// whatever its size (the requests travel as two arrays).
+#[derive(Clone)]
+struct PgGets(PgPool);
+
+impl PointReads for PgGets {
+    type Conn = sqlx::pool::PoolConnection<sqlx::Postgres>;
+
+    async fn acquire(&self) -> Result<Self::Conn> {
+        Ok(self.0.acquire().await?)
+    }
+
+    async fn read(conn: &mut Self::Conn, requests: &[GetRequest]) -> Result<Vec<Result<Document>>> {
+        let names: Vec<&str> = requests.iter().map(|r| r.database.as_str()).collect();
+        let ids: Vec<&str> = requests.iter().map(|r| r.id.as_str()).collect();
+        // Each lookup is a LATERAL subquery with LIMIT, which the planner
+        // cannot flatten into a join: one primary-key probe per request
+        // whatever the statistics say. (The plain join, on a table not yet
+        // analyzed, probed docs by db_id alone and filtered on id: every
+        // Get read the whole database; measured 0.28x the Gets/s of one
+        // query per Get.)
+        let found = sqlx::query(
+            "SELECT req.n - 1 AS n, db.id AS db_id, d.rev, d.deleted, d.body, d.seq \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS req (name, id, n) \
+             LEFT JOIN LATERAL (SELECT id FROM databases WHERE name = req.name LIMIT 1) db ON true \
+             LEFT JOIN LATERAL (SELECT rev, deleted, body, seq FROM docs \
+                                WHERE docs.db_id = db.id AND docs.id = req.id LIMIT 1) d ON true",
+        )
+        .bind(names)
+        .bind(ids)
+        .fetch_all(&mut **conn)
+        .await?;
+        gets::results(requests, &found)
     }
 }

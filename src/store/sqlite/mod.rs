@@ -1,5 +1,5 @@
 //! The SQLite backend: a pool of read-only connections for reads (point
-//! reads coalesced by `reader`), kept read-only rusqlite connections for
+//! reads coalesced by `gets`), kept read-only rusqlite connections for
 //! pages of the event log (`log`), and one writer thread (`writer`) that
 //! owns the only write connection, with `deliver`, the task that publishes
 //! and answers each committed batch, plus a PASSIVE checkpointer. Every
@@ -8,7 +8,6 @@
 
 pub(super) mod backup;
 mod log;
-mod reader;
 mod settings;
 mod writer;
 
@@ -20,10 +19,11 @@ use futures_util::TryStreamExt;
 use futures_util::future::BoxFuture;
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, Retention};
+use super::gets::{self, GetRequest, PointReads};
 use super::{
     COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
     StoreOptions, TakeChange, rows, supervise, to_i64,
@@ -44,8 +44,8 @@ pub(super) struct Reads {
     /// reads are not queued behind scans (they still wait for
     /// `--read-timeout-secs` at most when every connection is busy).
     scans: Semaphore,
-    /// Point reads, coalesced by `reader::dispatch`.
-    gets: mpsc::Sender<reader::GetRequest>,
+    /// Point reads, coalesced by `gets::dispatch`.
+    gets: mpsc::Sender<GetRequest>,
     /// Event pages for replay (under a scan permit).
     log: Arc<log::LogReaders>,
 }
@@ -137,7 +137,7 @@ pub(super) async fn open(
         supervise(
             "read dispatcher",
             failed.clone(),
-            reader::dispatch(reader.clone(), gets_rx, closed.clone()),
+            gets::dispatch(SqliteGets(reader.clone()), gets_rx, closed.clone()),
         ),
     ];
     let (_, reachable) = tokio::sync::watch::channel(true);
@@ -253,15 +253,7 @@ impl Reads {
 
     /// The current revision of a live document.
     pub(super) async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
-        let (reply, rx) = oneshot::channel();
-        let request = reader::GetRequest {
-            database: database.clone(),
-            id: id.clone(),
-            reply,
-        };
-        let closing = || Error::Unavailable("the server is shutting down".into());
-        self.gets.send(request).await.map_err(|_| closing())?;
-        rx.await.map_err(|_| closing())?
+        gets::get(&self.gets, database, id).await
     }
 }
 
@@ -342,4 +334,50 @@ async fn read_counters(conn: &mut sqlx::SqliteConnection) -> Result<Counters> {
         .map(rows::counter)
         .collect::<Result<Vec<_>>>()?;
     Counters::from_rows(&pairs)
+}
+
+/// Coalesced Gets on the read pool (see `gets`).
+#[derive(Clone)]
+struct SqliteGets(SqlitePool);
+
+impl PointReads for SqliteGets {
+    type Conn = sqlx::pool::PoolConnection<sqlx::Sqlite>;
+
+    async fn acquire(&self) -> Result<Self::Conn> {
+        Ok(self.0.acquire().await?)
+    }
+
+    async fn read(conn: &mut Self::Conn, requests: &[GetRequest]) -> Result<Vec<Result<Document>>> {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new("WITH req (n, name, id) AS (");
+        if requests.len() == 1 {
+            // The common light-load case: a fixed text, so a cached statement.
+            query.push("SELECT 0, ");
+            query.push_bind(requests[0].database.as_str());
+            query.push(", ");
+            query.push_bind(requests[0].id.as_str());
+        } else {
+            query.push("VALUES ");
+            let mut rows = query.separated(", ");
+            for (n, request) in requests.iter().enumerate() {
+                rows.push("(")
+                    .push_bind_unseparated(i64::try_from(n).unwrap_or(i64::MAX))
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(request.database.as_str())
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(request.id.as_str())
+                    .push_unseparated(")");
+            }
+        }
+        query.push(
+            ") SELECT req.n, db.id AS db_id, d.rev, d.deleted, d.body, d.seq FROM req \
+             LEFT JOIN databases db ON db.name = req.name \
+             LEFT JOIN docs d ON d.db_id = db.id AND d.id = req.id",
+        );
+        let found = query
+            .build()
+            .persistent(requests.len() == 1)
+            .fetch_all(&mut **conn)
+            .await?;
+        gets::results(requests, &found)
+    }
 }
