@@ -171,6 +171,13 @@ pub struct Config {
     #[arg(long, default_value_t = 4 * MIB)]
     pub max_response_bytes: usize,
 
+    /// Crash tests only: at this fsync of the WAL (counting from 1), copy
+    /// the store as the disk holds it (the database file and the WAL up to
+    /// the previous fsync) to `<db>.power-loss/` and abort, as a power cut
+    /// would (SQLite, `--durability full`).
+    #[arg(long, hide = true, value_name = "N")]
+    pub simulate_power_loss_at_sync: Option<u64>,
+
     /// Most concurrent calls (HTTP/2 streams) per client connection; a
     /// client opening more holds them back until one ends (HTTP/2's
     /// SETTINGS_MAX_CONCURRENT_STREAMS). Reaching it is logged and counted
@@ -375,6 +382,12 @@ impl Config {
             read_acquire_timeout: self.read_timeout_secs,
             pg_pool_size: self.pg_pool_size,
             pg_poll_interval: self.pg_poll_interval_ms,
+            power_loss: self.simulate_power_loss_at_sync.and_then(|at| {
+                Some(crate::store::PowerLoss {
+                    at,
+                    db: self.db.sqlite_path()?.to_owned(),
+                })
+            }),
         }
     }
 }

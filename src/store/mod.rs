@@ -10,10 +10,13 @@
 //! and nothing above it knows which backend it talks to.
 
 mod batch;
+mod durable;
 mod gets;
 mod postgres;
 mod rows;
 mod sqlite;
+
+pub use sqlite::syncer::PowerLoss;
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -287,6 +290,8 @@ pub struct StoreOptions {
     /// How long a request_id's reply is kept (at least); older ones are
     /// deleted by the writer, a chunk at a time.
     pub request_id_retention: Duration,
+    /// Crash tests only: cut the power at an fsync (SQLite, full durability).
+    pub power_loss: Option<sqlite::syncer::PowerLoss>,
 }
 
 /// The start of a Changes page: which instance of the database it reads.
@@ -309,6 +314,8 @@ pub struct Store {
     /// Whether the writer's last batch committed (false while the disk is
     /// full or the file is locked by another process).
     writable: watch::Receiver<bool>,
+    /// The durable watermark reads wait on (SQLite, full durability).
+    gate: Option<Arc<durable::Gate>>,
     writer: mpsc::Sender<Command>,
     /// Bytes of large requests queued for the writer (`writer_queue_bytes`;
     /// see `run`).
@@ -324,6 +331,9 @@ struct Opened {
     tasks: Vec<JoinHandle<()>>,
     reachable: watch::Receiver<bool>,
     writable: watch::Receiver<bool>,
+    /// When commits become durable after they are visible (SQLite with
+    /// full durability, see `durable`): what every read waits on.
+    gate: Option<Arc<durable::Gate>>,
 }
 
 /// What every backend's `open` is given.
@@ -384,6 +394,7 @@ impl Store {
             failed,
             reachable: opened.reachable,
             writable: opened.writable,
+            gate: opened.gate,
             writer: tx,
             writer_bytes: Arc::new(Semaphore::new(writer_queue_bytes)),
             writer_queue_bytes,
@@ -552,7 +563,21 @@ impl Store {
         query: ChangesQuery<'_>,
         mut take: impl FnMut(Change) -> Result<ControlFlow<()>> + Send,
     ) -> Result<ChangesPage> {
-        self.reads.changes(query, &mut take).await
+        let mut newest = None;
+        let mut take = |change: Change| {
+            newest = newest.max(Some(change.seq));
+            take(change)
+        };
+        let page = self.reads.changes(query, &mut take).await;
+        // The page is answered once everything in it is durable (an empty
+        // one, or a missing database: once what was committed is).
+        if let Some(gate) = &self.gate {
+            match newest {
+                Some(seq) => gate.until_seq(seq).await?,
+                None => gate.until_now().await?,
+            }
+        }
+        page
     }
 
     /// Sets the store's gauges (queue depth, oldest replayable seq, pool
@@ -572,18 +597,44 @@ impl Store {
     }
 
     pub async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
-        self.reads.list_databases().await
+        let listed = self.reads.list_databases().await;
+        if let Some(gate) = &self.gate {
+            gate.until_now().await?;
+        }
+        listed
     }
 
-    /// The current revision of a live document.
+    /// The current revision of a live document, once it is durable.
     pub async fn get(&self, database: &DbName, id: &DocId) -> Result<Document> {
-        self.reads.get(database, id).await
+        let found = self.reads.get(database, id).await;
+        if let Some(gate) = &self.gate {
+            match &found {
+                Ok(doc) => gate.until_seq(doc.seq).await?,
+                // Missing (or deleted) may be news a crash can take back.
+                Err(Error::DocumentNotFound { .. } | Error::DatabaseNotFound(_)) => {
+                    gate.until_now().await?;
+                }
+                Err(_) => {}
+            }
+        }
+        found
     }
 }
 
 impl EventLog for Store {
+    /// Events up to the durable watermark only: a replay never shows an
+    /// event a crash can take back (those after it reach a subscriber live,
+    /// once published).
     async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
-        self.reads.read_events(query).await
+        let mut page = self.reads.read_events(query).await?;
+        if let Some(gate) = &self.gate {
+            let durable = gate.durable_seq();
+            if let Some(past) = page.events.iter().position(|e| e.seq > durable) {
+                page.events.truncate(past);
+            }
+            page.head = page.head.min(durable);
+        }
+        Ok(page)
     }
 }
 

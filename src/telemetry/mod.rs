@@ -30,6 +30,7 @@ pub const WRITES_COMMITTED: &str = "agsync_writes_committed_total";
 pub const CONFLICTS: &str = "agsync_conflicts_total";
 pub const WRITER_BATCH_SIZE: &str = "agsync_writer_batch_size";
 pub const WRITER_COMMIT_SECONDS: &str = "agsync_writer_commit_seconds";
+pub const WAL_SYNC_SECONDS: &str = "agsync_wal_sync_seconds";
 pub const WRITER_QUEUE_DEPTH: &str = "agsync_writer_queue_depth";
 pub const READ_BATCH_SIZE: &str = "agsync_read_batch_size";
 pub const HEAD_SEQ: &str = "agsync_head_seq";
@@ -67,6 +68,7 @@ pub fn install() -> PrometheusHandle {
             let builder = [
                 (GRPC_HANDLING_SECONDS, &SECONDS_BUCKETS[..]),
                 (WRITER_COMMIT_SECONDS, &COMMIT_BUCKETS[..]),
+                (WAL_SYNC_SECONDS, &COMMIT_BUCKETS[..]),
                 (WRITER_BATCH_SIZE, &SIZE_BUCKETS[..]),
                 (READ_BATCH_SIZE, &SIZE_BUCKETS[..]),
             ]
@@ -142,6 +144,11 @@ fn describe() {
     describe_gauge!(
         WRITER_QUEUE_DEPTH,
         "Writes waiting for the writer (--writer-queue is the most)."
+    );
+    describe_histogram!(
+        WAL_SYNC_SECONDS,
+        Unit::Seconds,
+        "Time of one fsync of the WAL by the syncer (SQLite, --durability full): every batch committed meanwhile waits for it before it is answered."
     );
     describe_histogram!(READ_BATCH_SIZE, "Gets answered per coalesced query.");
     describe_gauge!(HEAD_SEQ, "The highest committed seq.");

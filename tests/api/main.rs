@@ -21,4 +21,5 @@ mod metrics;
 mod security;
 mod server;
 mod sync;
+mod watermark;
 mod web;

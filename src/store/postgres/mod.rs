@@ -292,6 +292,8 @@ pub(super) async fn open(
         tasks,
         reachable,
         writable,
+        // PostgreSQL's commit is durable when it returns.
+        gate: None,
     })
 }
 

@@ -9,6 +9,7 @@
 pub(super) mod backup;
 mod log;
 mod settings;
+pub(super) mod syncer;
 mod writer;
 
 use std::path::PathBuf;
@@ -22,7 +23,9 @@ use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::Durability;
 use super::batch::{self, Retention};
+use super::durable::Gate;
 use super::gets::{self, GetRequest, PointReads};
 use super::{
     COUNTERS_SQL, ChangesPage, ChangesQuery, Counters, EventPage, EventQuery, ReadPath,
@@ -99,6 +102,21 @@ pub(super) async fn open(
     };
     let nudge = wal.nudge.clone();
     let (deliveries, deliveries_rx) = mpsc::channel(writer::DELIVERY_QUEUE);
+    // With full durability the writer commits without an fsync and its
+    // batches go through the syncer, which fsyncs the WAL before passing
+    // them on to `deliver` (see `syncer`).
+    let (gate, to_syncer) = match durability {
+        Durability::Full => {
+            sync_files(path)?;
+            let (tx, rx) = mpsc::channel(writer::DELIVERY_QUEUE);
+            (Some(Arc::new(Gate::new(last_seq))), Some((tx, rx)))
+        }
+        Durability::Normal => (None, None),
+    };
+    let (writer_deliveries, syncer_input) = match to_syncer {
+        Some((tx, rx)) => (tx, Some(rx)),
+        None => (deliveries.clone(), None),
+    };
     let expiry = batch::RequestExpiry::new(options.request_id_retention);
     let (writable_tx, writable) = tokio::sync::watch::channel(true);
     let writer = Writer::new(
@@ -106,7 +124,10 @@ pub(super) async fn open(
         last_seq,
         retention,
         wal,
-        deliveries,
+        writer::Outlet {
+            deliveries: writer_deliveries,
+            gate: gate.clone(),
+        },
         expiry,
         writable_tx,
     )?;
@@ -115,7 +136,7 @@ pub(super) async fn open(
     let checkpoint_conn = settings::sqlx_options(path, Role::Maintenance, durability)
         .connect()
         .await?;
-    let tasks = vec![
+    let mut tasks = vec![
         supervise(
             "writer",
             failed.clone(),
@@ -140,6 +161,24 @@ pub(super) async fn open(
             gets::dispatch(SqliteGets(reader.clone()), gets_rx, closed.clone()),
         ),
     ];
+    if let (Some(gate), Some(batches)) = (&gate, syncer_input) {
+        tasks.push(supervise(
+            "syncer",
+            failed.clone(),
+            super::on_own_thread(
+                "agsync-syncer",
+                syncer::run(
+                    wal_path(path),
+                    batches,
+                    deliveries,
+                    gate.clone(),
+                    options.power_loss.clone(),
+                ),
+            ),
+        ));
+    } else {
+        drop(deliveries);
+    }
     let (_, reachable) = tokio::sync::watch::channel(true);
     Ok(super::Opened {
         reads: Box::new(Reads {
@@ -151,6 +190,7 @@ pub(super) async fn open(
         tasks,
         reachable,
         writable,
+        gate,
     })
 }
 
@@ -287,6 +327,26 @@ impl From<rusqlite::Error> for Error {
 }
 
 /// The WAL file of the database at `path`, as SQLite names it.
+/// fsyncs the database file, its WAL and their directory: whatever a crash
+/// left in the page cache is durable before anyone reads it.
+fn sync_files(path: &std::path::Path) -> Result<()> {
+    let sync = |p: &std::path::Path| -> Result<()> {
+        match std::fs::File::open(p) {
+            Ok(file) => file.sync_all().map_err(|e| {
+                Error::Storage(format!("fsync of {} failed: {e}", p.display()).into())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Storage(Box::new(e))),
+        }
+    };
+    sync(path)?;
+    sync(&wal_path(path))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync(dir),
+        _ => sync(std::path::Path::new(".")),
+    }
+}
+
 fn wal_path(path: &std::path::Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push("-wal");

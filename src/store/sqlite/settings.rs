@@ -41,9 +41,12 @@ impl Role {
 
 /// The PRAGMAs of a connection for `role`, in the order they are set.
 pub(super) fn pragmas(role: Role, durability: Durability) -> Vec<(&'static str, &'static str)> {
-    let synchronous = match durability {
-        Durability::Full => "FULL",
-        Durability::Normal => "NORMAL",
+    let synchronous = match (durability, role) {
+        // The writer's commits are not fsynced by SQLite: with full
+        // durability the syncer fsyncs the WAL off the writer's path, and a
+        // batch is answered only after that (see `syncer`).
+        (_, Role::Writer) | (Durability::Normal, _) => "NORMAL",
+        (Durability::Full, _) => "FULL",
     };
     let mut pragmas = Vec::new();
     // WAL is a property of the file, set by the connections that may write
@@ -185,6 +188,12 @@ mod tests {
                 .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
                 .unwrap(),
         );
-        assert_eq!((synchronous, autocheckpoint), (2, 0));
+        // NORMAL even with full durability: the syncer fsyncs for it.
+        assert_eq!((synchronous, autocheckpoint), (1, 0));
+        let reader = rusqlite_connection(&path, Role::Reader, Durability::Full).unwrap();
+        let synchronous: i64 = reader
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2);
     }
 }

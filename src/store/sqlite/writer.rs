@@ -27,6 +27,7 @@ use super::super::batch::{
     self, Answer, Committed, Current, DbRow, Engine, Queued, RequestExpiry, RequestRow, Retention,
     State, StoredRequest, Tail, Tx, aliases_json, attributes_json,
 };
+use super::super::durable::{Gate, Mark};
 use super::super::{Publisher, rows, to_i64};
 use crate::domain::{DatabaseInfo, DbName, DocId, Document, Error, Event, RequestId, Result, Rev};
 
@@ -74,6 +75,16 @@ pub(super) struct Writer {
     expiry: RequestExpiry,
     /// Whether the last batch committed (health's `agsync.writes`).
     writable: tokio::sync::watch::Sender<bool>,
+    /// With `--durability full`: the durable watermark, and `deliveries`
+    /// goes to the syncer, which fsyncs before passing batches on.
+    gate: Option<std::sync::Arc<Gate>>,
+}
+
+/// Where committed batches go: to `deliver`, or with full durability to
+/// the syncer, which fsyncs them first and moves `gate`.
+pub(super) struct Outlet {
+    pub deliveries: mpsc::Sender<Delivery>,
+    pub gate: Option<std::sync::Arc<Gate>>,
 }
 
 /// What a batch hands to `deliver`: its events to publish, then the answers.
@@ -84,6 +95,15 @@ pub(super) struct Delivery {
     permits: Vec<Option<OwnedSemaphorePermit>>,
     /// Answered once everything before it was delivered (at close).
     flushed: Option<oneshot::Sender<()>>,
+    /// For a committed batch when there is a syncer: what it must make
+    /// durable before the batch goes on.
+    mark: Option<Mark>,
+}
+
+impl Delivery {
+    pub(super) fn mark(&self) -> Option<Mark> {
+        self.mark
+    }
 }
 
 /// Hands a batch's answers to `deliver`. If it is gone (the server is
@@ -123,10 +143,11 @@ impl Writer {
         last_seq: u64,
         retention: Retention,
         wal: WalBound,
-        deliveries: mpsc::Sender<Delivery>,
+        outlet: Outlet,
         expiry: RequestExpiry,
         writable: tokio::sync::watch::Sender<bool>,
     ) -> Result<Self> {
+        let Outlet { deliveries, gate } = outlet;
         let databases = load_databases(&conn)?;
         let last_db_id = conn
             .query_row(
@@ -147,6 +168,7 @@ impl Writer {
             },
             expiry,
             writable,
+            gate,
             wal,
             over_bound_warned: None,
             deliveries,
@@ -287,6 +309,13 @@ impl Engine for Writer {
             }
         };
         batch::set_writable(&self.writable, committed == Committed::Yes);
+        let mark = match (&self.gate, committed) {
+            (Some(gate), Committed::Yes) => Some(Mark {
+                batch: gate.committed(),
+                seq: self.state.last_seq,
+            }),
+            _ => None,
+        };
         hand_over(
             &self.deliveries,
             Delivery {
@@ -294,6 +323,7 @@ impl Engine for Writer {
                 answers,
                 permits,
                 flushed: None,
+                mark,
             },
         )
         .await;
@@ -334,6 +364,7 @@ impl Engine for Writer {
                 answers: Vec::new(),
                 permits: Vec::new(),
                 flushed: Some(flushed),
+                mark: None,
             },
         )
         .await;
@@ -583,7 +614,11 @@ mod tests {
         tokio::spawn(deliver(rx, hub));
         let expiry = RequestExpiry::new(Duration::from_secs(86_400));
         let (writable, _) = tokio::sync::watch::channel(true);
-        Writer::new(conn, 0, retention, wal, deliveries, expiry, writable).unwrap()
+        let outlet = Outlet {
+            deliveries,
+            gate: None,
+        };
+        Writer::new(conn, 0, retention, wal, outlet, expiry, writable).unwrap()
     }
 
     /// Commits `ops` as one batch.
