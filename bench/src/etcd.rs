@@ -483,11 +483,17 @@ async fn fanout(
     const KEY: &[u8] = b"bench.key";
     let subscribers = args.subscribers();
     let idle_rss = rss_kb(pid);
-    let all = stream_channels(addr, channels, subscribers).await?;
-    let mut streams = Vec::with_capacity(subscribers);
-    for i in 0..subscribers {
-        streams.push(within(watch(all[i % all.len()].clone(), KEY, b"", 0)).await?);
-    }
+    let all = stream_channels(addr, channels, subscribers, args.streams_per_connection).await?;
+    let opening = Instant::now();
+    let streams: Vec<_> = {
+        use futures_util::{StreamExt, TryStreamExt};
+        futures_util::stream::iter(0..subscribers)
+            .map(|i| within(watch(all[i % all.len()].clone(), KEY, b"", 0)))
+            .buffer_unordered(crate::workloads::OPENING_AT_ONCE)
+            .try_collect()
+            .await?
+    };
+    let open_secs = opening.elapsed().as_secs_f64();
     let subscribed_rss = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
     let (last_tx, last_rx) = tokio::sync::watch::channel(i64::MAX);
@@ -561,7 +567,7 @@ async fn fanout(
         ("delivered", serde_json::Value::from(delivered)),
         ("expected", expected.into()),
     ]);
-    crate::workloads::fanout_notes(&mut r, subscribers, idle_rss, subscribed_rss);
+    crate::workloads::fanout_notes(&mut r, subscribers, open_secs, idle_rss, subscribed_rss);
     crate::workloads::fanout_delivery(&mut r, "etcd fanout", delivered, expected);
     Ok(r)
 }

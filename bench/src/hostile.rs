@@ -75,7 +75,8 @@ pub(crate) async fn run(
     }
     let noop = setup(&all, args).await?;
     let good = good_clients(addr, args.good_clients.max(1)).await?;
-    let sub_channels = stream_channels(addr, &[], args.subscribers()).await?;
+    let sub_channels =
+        stream_channels(addr, &[], args.subscribers(), args.streams_per_connection).await?;
     let rss_start = rss_kb(pid);
     let start = Instant::now();
     let rss = Sampler::spawn(RSS_PERIOD, duration + SUBSCRIBER_GRACE * 2, move || {

@@ -166,6 +166,11 @@ pub struct WorkloadArgs {
     /// Subscribers (fanout, soak: default 1000; hostile: default 5000).
     #[arg(long)]
     pub subscribers: Option<usize>,
+    /// Most Subscribe (or etcd Watch) streams the bench opens on one HTTP/2
+    /// connection; the subscribers take as many connections as that needs
+    /// (100,000 streams at the default: 1,000 connections).
+    #[arg(long, default_value_t = 100)]
+    pub streams_per_connection: usize,
     /// Documents per BulkPut (bulk).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,

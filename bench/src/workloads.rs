@@ -612,31 +612,37 @@ pub(crate) fn contended_notes(r: &mut Report, elapsed: Duration) {
     ));
 }
 
-/// Opens `count` subscriptions on `key` spread over the channels and waits
-/// for each one's `subscribed`.
+/// How many streams the bench opens at once (each waits for its first
+/// event): opening 100,000 one after another would measure round trips.
+pub(crate) const OPENING_AT_ONCE: usize = 256;
+
+/// Opens `count` subscriptions on `key` spread over the channels, up to
+/// `OPENING_AT_ONCE` at a time, and waits for each one's `subscribed`.
 async fn open_subscribers(
     channels: &[Channel],
     key: &str,
     count: usize,
 ) -> Result<Vec<tonic::Streaming<pb::SubscribeResponse>>, String> {
-    let mut streams = Vec::with_capacity(count);
-    let subs = clients(channels, count);
-    for mut c in subs {
-        let mut s = c
-            .subscribe(pb::SubscribeRequest {
-                sync_keys: vec![key.into()],
-                since: None,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("Subscribe: {e}"))?
-            .into_inner();
-        match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
-            Ok(Ok(Some(_))) => streams.push(s),
-            other => return Err(format!("no subscribed event: {other:?}")),
-        }
-    }
-    Ok(streams)
+    use futures_util::{StreamExt, TryStreamExt};
+    futures_util::stream::iter(clients(channels, count))
+        .map(|mut c| async move {
+            let mut s = c
+                .subscribe(pb::SubscribeRequest {
+                    sync_keys: vec![key.into()],
+                    since: None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("Subscribe: {e}"))?
+                .into_inner();
+            match tokio::time::timeout(Duration::from_secs(60), s.message()).await {
+                Ok(Ok(Some(_))) => Ok(s),
+                other => Err(format!("no subscribed event: {other:?}")),
+            }
+        })
+        .buffer_unordered(OPENING_AT_ONCE)
+        .try_collect()
+        .await
 }
 
 /// `--subscribers` on one key, one writer doing a Put every `--interval-ms`:
@@ -650,7 +656,15 @@ pub(crate) async fn fanout(
     duration: Duration,
 ) -> Result<Report, String> {
     let idle_rss = rss_kb(pid);
-    let streams = subscribe_all(addr, channels, args.subscribers()).await?;
+    let opening = Instant::now();
+    let streams = subscribe_all(
+        addr,
+        channels,
+        args.subscribers(),
+        args.streams_per_connection,
+    )
+    .await?;
+    let open_secs = opening.elapsed().as_secs_f64();
     let subscribed_rss = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
     let (last_tx, receivers) = spawn_readers(streams, deadline, Vec::new, |got, seq| {
@@ -707,7 +721,13 @@ pub(crate) async fn fanout(
         ("delivered", serde_json::Value::from(delivered)),
         ("expected", expected.into()),
     ]);
-    fanout_notes(&mut r, args.subscribers(), idle_rss, subscribed_rss);
+    fanout_notes(
+        &mut r,
+        args.subscribers(),
+        open_secs,
+        idle_rss,
+        subscribed_rss,
+    );
     if is_noop {
         r.notes
             .push("no-op server delivers nothing: latency is its Put round trip".into());
@@ -731,10 +751,17 @@ pub(crate) fn fanout_delivery(r: &mut Report, label: &str, delivered: u64, expec
 }
 
 /// Records a fan-out's server RSS idle and with its subscribers open.
-pub(crate) fn fanout_notes(r: &mut Report, subscribers: usize, idle_rss: u64, subscribed_rss: u64) {
+pub(crate) fn fanout_notes(
+    r: &mut Report,
+    subscribers: usize,
+    open_secs: f64,
+    idle_rss: u64,
+    subscribed_rss: u64,
+) {
     let per_sub = subscribed_rss.saturating_sub(idle_rss) as f64 / subscribers.max(1) as f64;
     r.insert_extra([
         ("subscribers", serde_json::Value::from(subscribers)),
+        ("open_secs", ((open_secs * 100.0).round() / 100.0).into()),
         ("idle_rss_kb", idle_rss.into()),
         ("subscribed_rss_kb", subscribed_rss.into()),
         (
@@ -743,7 +770,7 @@ pub(crate) fn fanout_notes(r: &mut Report, subscribers: usize, idle_rss: u64, su
         ),
     ]);
     r.notes.push(format!(
-        "RSS {:.1} MB idle, {:.1} MB with {subscribers} subscribers ({per_sub:.1} KB each)",
+        "{subscribers} streams opened in {open_secs:.1} s; RSS {:.1} MB idle, {:.1} MB with them ({per_sub:.1} KB each)",
         idle_rss as f64 / 1024.0,
         subscribed_rss as f64 / 1024.0,
     ));
@@ -868,23 +895,22 @@ async fn subscribe_all(
     addr: SocketAddr,
     channels: &[Channel],
     count: usize,
+    per_connection: usize,
 ) -> Result<Vec<tonic::Streaming<pb::SubscribeResponse>>, String> {
-    let all = stream_channels(addr, channels, count).await?;
+    let all = stream_channels(addr, channels, count, per_connection).await?;
     open_subscribers(&all, "bench.key", count).await
 }
 
-/// Most streams the bench opens on one connection: the server allows 256
-/// concurrent streams per HTTP/2 connection.
-const STREAMS_PER_CONNECTION: usize = 250;
-
 /// `channels` plus as many new connections as `count` streams spread
-/// round-robin need to stay within `STREAMS_PER_CONNECTION` each.
+/// round-robin need to stay within `per_connection` each
+/// (`--streams-per-connection`).
 pub(crate) async fn stream_channels(
     addr: SocketAddr,
     channels: &[Channel],
     count: usize,
+    per_connection: usize,
 ) -> Result<Vec<Channel>, String> {
-    let want = count.div_ceil(STREAMS_PER_CONNECTION).max(1);
+    let want = count.div_ceil(per_connection.max(1)).max(1);
     let mut all = channels.to_vec();
     if want > all.len() {
         all.extend(connections(addr, want - all.len()).await?);
@@ -1013,7 +1039,13 @@ pub(crate) async fn soak(
     duration: Duration,
 ) -> Result<Report, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
-    let streams = subscribe_all(addr, channels, args.subscribers()).await?;
+    let streams = subscribe_all(
+        addr,
+        channels,
+        args.subscribers(),
+        args.streams_per_connection,
+    )
+    .await?;
     let rss_start = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(60);
     // Per stream: (received, last seq, all in order).
