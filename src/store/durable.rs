@@ -8,14 +8,14 @@
 //! out again.
 //!
 //! Two marks, both only growing:
-//! - `committed`: batches committed by the writer (visible to readers at
-//!   once, in SQLite);
+//! - `announced`: batches the writer started (numbered before anything of
+//!   them is visible to a reader, which SQLite makes it at COMMIT);
 //! - `durable`: the batches (and the highest seq among them) covered by an
 //!   fsync.
 //!
 //! A read that knows the seq of what it saw (a document, a Changes page)
 //! waits for that seq; one that does not (a missing document, the list of
-//! databases) waits for every batch committed when it finished.
+//! databases) waits for every batch started when it finished.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +31,7 @@ pub(super) struct Mark {
 }
 
 pub(super) struct Gate {
-    committed: AtomicU64,
+    announced: AtomicU64,
     durable: watch::Sender<Mark>,
 }
 
@@ -39,15 +39,16 @@ impl Gate {
     /// Everything already in the store (`seq` its last) is durable.
     pub(super) fn new(seq: u64) -> Gate {
         Gate {
-            committed: AtomicU64::new(0),
+            announced: AtomicU64::new(0),
             durable: watch::channel(Mark { batch: 0, seq }).0,
         }
     }
 
-    /// The writer committed one more batch (after COMMIT, before handing
-    /// it to the syncer); returns its number.
-    pub(super) fn committed(&self) -> u64 {
-        self.committed.fetch_add(1, Ordering::AcqRel) + 1
+    /// The writer starts one more batch (before its COMMIT); returns its
+    /// number. Every number announced is marked synced later, whether the
+    /// batch committed or not.
+    pub(super) fn announce(&self) -> u64 {
+        self.announced.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// The syncer's fsync covered everything up to `mark`.
@@ -71,10 +72,11 @@ impl Gate {
         self.until(|mark| mark.seq >= seq).await
     }
 
-    /// Waits until every batch committed by now is durable.
+    /// Waits until every batch started by now (so every one whose data a
+    /// read may have seen) is durable.
     pub(super) async fn until_now(&self) -> Result<()> {
-        let committed = self.committed.load(Ordering::Acquire);
-        self.until(|mark| mark.batch >= committed).await
+        let announced = self.announced.load(Ordering::Acquire);
+        self.until(|mark| mark.batch >= announced).await
     }
 
     async fn until(&self, done: impl FnMut(&Mark) -> bool) -> Result<()> {
@@ -100,8 +102,8 @@ mod tests {
         // Already durable: no wait.
         gate.until_seq(10).await.unwrap();
         gate.until_now().await.unwrap();
-        // Batch 1 (seqs 11-12) committed, not yet synced.
-        assert_eq!(gate.committed(), 1);
+        // Batch 1 (seqs 11-12) started, not yet synced.
+        assert_eq!(gate.announce(), 1);
         let waiting_seq = tokio::spawn({
             let gate = gate.clone();
             async move { gate.until_seq(12).await }
@@ -112,9 +114,9 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting_seq.is_finished() && !waiting_now.is_finished());
-        // A batch without seqs committed later is not waited for by the
-        // read that started before it.
-        assert_eq!(gate.committed(), 2);
+        // A batch started later is not waited for by the reads that
+        // started before it.
+        assert_eq!(gate.announce(), 2);
         gate.synced(Mark { batch: 1, seq: 12 });
         waiting_seq.await.unwrap().unwrap();
         waiting_now.await.unwrap().unwrap();

@@ -250,6 +250,10 @@ impl Engine for Writer {
         let mut events = Vec::new();
         let mut answers = Vec::with_capacity(ops.len());
         self.expiry.stamp(&mut self.state);
+        // Numbered before anything of it can be visible to a reader: a read
+        // that saw it then waits for its fsync. A batch that fails is
+        // marked all the same (the syncer passes it, nothing to wait for).
+        let batch_no = self.gate.as_ref().map(|gate| gate.announce());
         let started = std::time::Instant::now();
         // The statements run on this thread and return at once: `apply`
         // never waits, it is async only because the trait is shared with
@@ -309,13 +313,10 @@ impl Engine for Writer {
             }
         };
         batch::set_writable(&self.writable, committed == Committed::Yes);
-        let mark = match (&self.gate, committed) {
-            (Some(gate), Committed::Yes) => Some(Mark {
-                batch: gate.committed(),
-                seq: self.state.last_seq,
-            }),
-            _ => None,
-        };
+        let mark = batch_no.map(|batch| Mark {
+            batch,
+            seq: self.state.last_seq,
+        });
         hand_over(
             &self.deliveries,
             Delivery {
