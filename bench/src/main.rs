@@ -15,6 +15,7 @@
 // field today, so fields added to the proto do not break the bench.
 #![allow(clippy::needless_update)]
 
+mod churn;
 mod etcd;
 mod hostile;
 mod noop;
@@ -143,6 +144,11 @@ pub enum Workload {
     /// other node of a pair): write→notification latency. Fails if an
     /// acknowledged write is not delivered.
     CrossNode,
+    /// `--subscribers` streams that each leave and subscribe again with
+    /// `since`, `--rate` resubscribes per second in all, while `--clients`
+    /// writers Put: latency of a resubscribe (to `subscribed`). Fails
+    /// unless every stream's history is exactly the acknowledged writes.
+    Churn,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -178,7 +184,7 @@ pub struct WorkloadArgs {
     /// default 100000, spread over `--keys`).
     #[arg(long)]
     pub events: Option<usize>,
-    /// Time between the writer's Puts (fanout).
+    /// Time between the writer's Puts (fanout; each writer's, churn).
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
     /// The server's SQLite database file, its `--db` (wal-soak; required
@@ -210,7 +216,7 @@ pub struct WorkloadArgs {
     /// Fail hostile when the well-behaved clients' p99 latency exceeds this.
     #[arg(long)]
     pub good_p99_ms: Option<f64>,
-    /// Writes per second (cross-node).
+    /// Writes per second (cross-node); resubscribes per second (churn).
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
 }

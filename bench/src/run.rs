@@ -13,7 +13,7 @@ use crate::workloads::{
     Client, Report, body, clients, connections, contended, create_database, create_once,
     cross_node, drive, fanout, outcome, preload, replay, rss_kb, soak, update, xorshift,
 };
-use crate::{Workload, WorkloadArgs, hostile, walsoak};
+use crate::{Workload, WorkloadArgs, churn, hostile, walsoak};
 
 /// Runs the workload against the nodes `addrs` (one, or several serving
 /// one data set): the clients' connections are spread round-robin over
@@ -132,6 +132,7 @@ pub async fn run(
         Workload::WalSoak => walsoak::run(args, pid, &channels, duration).await?,
         Workload::Hostile => hostile::run(addr, args, pid, &channels, all, duration).await?,
         Workload::CrossNode => cross_node(addrs, args, pid, duration).await?,
+        Workload::Churn => churn::run(addr, args, pid, all, duration).await?,
     };
     report.workload = args.workload_name();
     report.rss_end_kb = rss_kb(pid);
