@@ -300,6 +300,26 @@ pub async fn health_of(channel: &tonic::transport::Channel, service: &str) -> i3
         .status
 }
 
+/// Puts document "after" in database "db" once the writes refused for a
+/// full disk (RESOURCE_EXHAUSTED, nothing else) succeed again, which must
+/// happen within 10 s.
+pub async fn put_once_space_is_freed(c: &mut Client) -> agsync::pb::PutResponse {
+    let started = std::time::Instant::now();
+    loop {
+        match put(c, "db", "after", "", json!({})).await {
+            Ok(r) => return r,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still full after 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// A small tmpfs mounted for one test (root only), unmounted when dropped.
 pub struct SmallDisk {
     dir: tempfile::TempDir,
@@ -432,20 +452,7 @@ async fn a_full_disk_refuses_writes_until_space_is_freed() {
 
     // Space freed: writes succeed again within seconds, same process.
     std::fs::remove_file(&ballast).unwrap();
-    let started = std::time::Instant::now();
-    let after = loop {
-        match put(&mut c, "db", "after", "", json!({})).await {
-            Ok(r) => break r,
-            Err(s) => {
-                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "still full after 10 s"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let after = put_once_space_is_freed(&mut c).await;
     assert_eq!(after.seq, last + 1);
     assert_eq!(health_of(&channel, "agsync.writes").await, SERVING);
     for (id, rev, _) in acked.iter().step_by(17) {

@@ -201,6 +201,20 @@ impl OwnCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Runs `statements` in order as the superuser, on the `postgres`
+    /// database (`CREATE DATABASE ...`).
+    pub async fn admin(&self, statements: &[&str]) {
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connect to the throwaway cluster");
+        for statement in statements {
+            sqlx::Executor::execute(&mut admin, *statement)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+        let _ = admin.close().await;
+    }
+
     /// `pg_ctl stop -m fast`: the server goes away under its clients.
     pub fn stop_fast(&self) {
         self.stop_with("fast");

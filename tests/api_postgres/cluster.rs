@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use agsync::pb::{BulkPutItem, BulkPutRequest, ChangesRequest, DeleteDatabaseRequest};
 use serde_json::json;
-use sqlx::Connection;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -334,12 +333,7 @@ async fn a_postgresql_restart_under_load_loses_nothing() {
     let cluster =
         Arc::new(crate::pg::OwnCluster::start().unwrap_or_else(|why| crate::pg::skip(&why)));
     let url = cluster.url("agsync");
-    let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::Executor::execute(&mut admin, "CREATE DATABASE agsync")
-        .await
-        .unwrap();
+    cluster.admin(&["CREATE DATABASE agsync"]).await;
     let node = || {
         let url = url.clone();
         TestServer::start_with(move |c| {
@@ -510,13 +504,7 @@ async fn calls_fail_within_a_second_when_postgresql_goes_away() {
     }
     let cluster =
         Arc::new(crate::pg::OwnCluster::start().unwrap_or_else(|why| crate::pg::skip(&why)));
-    let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::Executor::execute(&mut admin, "CREATE DATABASE agsync")
-        .await
-        .unwrap();
-    drop(admin);
+    cluster.admin(&["CREATE DATABASE agsync"]).await;
     let url = cluster.url("agsync");
     let node = TestServer::start_with(move |c| c.db = url.into()).await;
     let mut c = node.client.clone();

@@ -11,16 +11,13 @@
 //! the node then answers UNAVAILABLE, as for any PostgreSQL outage; see
 //! `cluster.rs`.)
 
-use std::time::Duration;
-
 use agsync::pb::{BulkPutItem, BulkPutRequest};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::json;
-use sqlx::Connection;
 use tonic::Code;
 
-use crate::durability::{NOT_SERVING, SERVING, SmallDisk, health_of};
+use crate::durability::{NOT_SERVING, SERVING, SmallDisk, health_of, put_once_space_is_freed};
 use crate::helpers::*;
 
 /// 4,000 random letters and digits: PostgreSQL cannot compress them away.
@@ -55,18 +52,12 @@ async fn postgresql_s_full_disk_refuses_writes_until_space_is_freed() {
         .status()
         .unwrap();
     assert!(chown.success());
-    let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
-        .await
-        .unwrap();
-    for statement in [
-        format!("CREATE TABLESPACE small LOCATION '{}'", space.display()),
-        "CREATE DATABASE agsync TABLESPACE small".to_owned(),
-    ] {
-        sqlx::Executor::execute(&mut admin, statement.as_str())
-            .await
-            .unwrap();
-    }
-    drop(admin);
+    cluster
+        .admin(&[
+            &format!("CREATE TABLESPACE small LOCATION '{}'", space.display()),
+            "CREATE DATABASE agsync TABLESPACE small",
+        ])
+        .await;
     let url = cluster.url("agsync");
     let server = ProcessServer::start_with(
         std::path::Path::new(&url),
@@ -169,20 +160,7 @@ async fn postgresql_s_full_disk_refuses_writes_until_space_is_freed() {
 
     // Space freed: writes succeed again within seconds, same process.
     std::fs::remove_file(&ballast).unwrap();
-    let started = std::time::Instant::now();
-    let after = loop {
-        match put(&mut c, "db", "after", "", json!({})).await {
-            Ok(r) => break r,
-            Err(s) => {
-                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "still full after 10 s"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let after = put_once_space_is_freed(&mut c).await;
     assert_eq!(after.seq, last + 1);
     assert_eq!(next_notification(&mut replay).await.seq, after.seq);
     assert_eq!(health_of(&channel, "agsync.writes").await, SERVING);

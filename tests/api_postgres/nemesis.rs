@@ -31,7 +31,6 @@ use agsync::pb::{self, PutRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use sqlx::Connection;
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -435,13 +434,7 @@ async fn three_nodes_under_a_nemesis_stay_linearizable_and_gap_free() {
 
     let cluster =
         Arc::new(crate::pg::OwnCluster::start().unwrap_or_else(|why| crate::pg::skip(&why)));
-    let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::Executor::execute(&mut admin, "CREATE DATABASE agsync")
-        .await
-        .unwrap();
-    drop(admin);
+    cluster.admin(&["CREATE DATABASE agsync"]).await;
     let url = cluster.url("agsync");
     let mut servers = Vec::new();
     for _ in 0..NODES {
