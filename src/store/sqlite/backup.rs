@@ -75,9 +75,7 @@ fn copy(source: &Path, into: &Path) -> Result<()> {
 }
 
 fn sync(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::Config(format!("cannot fsync {}: {e}", path.display())))
+    super::fsync(path).map_err(|e| Error::Config(format!("cannot fsync {}: {e}", path.display())))
 }
 
 /// The last seq the copy at `path` holds.

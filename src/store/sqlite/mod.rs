@@ -326,27 +326,35 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
-/// The WAL file of the database at `path`, as SQLite names it.
+/// fsyncs a file or directory (contents and metadata).
+fn fsync(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
 /// fsyncs the database file, its WAL and their directory: whatever a crash
-/// left in the page cache is durable before anyone reads it.
+/// left in the page cache is durable before anyone reads it. A file that
+/// does not exist yet is skipped.
 fn sync_files(path: &std::path::Path) -> Result<()> {
-    let sync = |p: &std::path::Path| -> Result<()> {
-        match std::fs::File::open(p) {
-            Ok(file) => file.sync_all().map_err(|e| {
-                Error::Storage(format!("fsync of {} failed: {e}", p.display()).into())
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::Storage(Box::new(e))),
-        }
+    let sync = |p: &std::path::Path| match fsync(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Storage(
+            format!("fsync of {} failed: {e}", p.display()).into(),
+        )),
+        _ => Ok(()),
     };
     sync(path)?;
     sync(&wal_path(path))?;
+    sync(dir_of(path))
+}
+
+/// The directory holding `path` ("." for a bare file name).
+fn dir_of(path: &std::path::Path) -> &std::path::Path {
     match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync(dir),
-        _ => sync(std::path::Path::new(".")),
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
     }
 }
 
+/// The WAL file of the database at `path`, as SQLite names it.
 fn wal_path(path: &std::path::Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push("-wal");

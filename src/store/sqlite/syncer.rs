@@ -54,11 +54,8 @@ impl Wal {
                 let file = File::open(&self.path).map_err(|e| io(&self.path, &e))?;
                 // Its directory entry too, once: a new WAL file must
                 // survive a power loss with its contents.
-                if let Some(dir) = self.path.parent() {
-                    File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| io(dir, &e))?;
-                }
+                let dir = super::dir_of(&self.path);
+                super::fsync(dir).map_err(|e| io(dir, &e))?;
                 self.file.insert(file)
             }
         };
@@ -137,5 +134,29 @@ impl PowerLoss {
             Err(e) => eprintln!("agsync: simulating a power loss failed: {e}"),
         }
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--db agsync.db` (a bare name): the WAL's directory is ".", not
+    /// "", which cannot be opened (the first fsync failed and stopped the
+    /// server).
+    #[test]
+    fn a_wal_beside_a_bare_file_name_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("agsync.db-wal");
+        std::fs::write(&wal, b"frames").unwrap();
+        assert_eq!(
+            super::super::dir_of(Path::new("agsync.db-wal")),
+            Path::new(".")
+        );
+        let mut synced = Wal {
+            path: wal,
+            file: None,
+        };
+        assert_eq!(synced.sync().unwrap(), 6);
     }
 }
