@@ -171,6 +171,20 @@ pub struct Config {
     #[arg(long, default_value_t = 4 * MIB)]
     pub max_response_bytes: usize,
 
+    /// Snapshot streams served at once. Each holds a read transaction (and
+    /// on PostgreSQL a pool connection) while it streams; more callers wait
+    /// `--read-timeout-secs` for one to end, then fail with UNAVAILABLE
+    /// (retryable).
+    #[arg(long, default_value_t = 4)]
+    pub max_snapshots: usize,
+
+    /// A Snapshot stream whose client reads nothing for this long ends with
+    /// UNAVAILABLE (ErrorInfo SNAPSHOT_STALLED, metadata `since`): an open
+    /// snapshot keeps the storage from reclaiming space (SQLite's WAL cannot
+    /// restart past it).
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    pub snapshot_stall_secs: Duration,
+
     /// Crash tests only: at this fsync of the WAL (counting from 1), copy
     /// the store as the disk holds it (the database file and the WAL up to
     /// the previous fsync) to `<db>.power-loss/` and abort, as a power cut
@@ -380,6 +394,8 @@ impl Config {
             writer_queue_bytes: self.writer_queue_bytes,
             wal_max_bytes: self.wal_max_bytes,
             read_acquire_timeout: self.read_timeout_secs,
+            max_snapshots: self.max_snapshots,
+            snapshot_stall: self.snapshot_stall_secs,
             pg_pool_size: self.pg_pool_size,
             pg_poll_interval: self.pg_poll_interval_ms,
             power_loss: self.simulate_power_loss_at_sync.and_then(|at| {

@@ -158,6 +158,20 @@ impl SyncService for Noop {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    type SnapshotStream = tokio_stream::Once<Result<pb::SnapshotResponse, Status>>;
+
+    /// One complete, empty message at the current seq.
+    async fn snapshot(
+        &self,
+        _: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Ok(Response::new(tokio_stream::once(Ok(pb::SnapshotResponse {
+            snapshot_seq: self.seq.load(Ordering::Relaxed),
+            complete: true,
+            ..Default::default()
+        }))))
+    }
 }
 
 pub async fn serve(listen: SocketAddr) -> Result<(), String> {

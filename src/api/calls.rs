@@ -578,6 +578,6 @@ mod tests {
         );
         assert_eq!(kind("/grpc.health.v1.Health/Watch"), Some("server_stream"));
         assert_eq!(kind("/agsync.v1.SyncService/Nope"), None);
-        assert_eq!(layer.methods.len(), 11 + 2); // Health: Check and Watch
+        assert_eq!(layer.methods.len(), 12 + 2); // Health: Check and Watch
     }
 }

@@ -200,9 +200,17 @@ pub fn subscribe_item(
     pb::SubscribeResponse { event: Some(event) }
 }
 
-pub fn change(c: domain::Change) -> Result<pb::Change> {
+/// A change for the wire; with `json_bodies` its body as JSON text
+/// (`body_json`) instead of a Struct.
+pub fn change(c: domain::Change, json_bodies: bool) -> Result<pb::Change> {
+    let (body, body_json) = match &c.body {
+        Some(b) if json_bodies => (None, b.canonical_json().to_owned()),
+        Some(b) => (Some(body_struct(b)?), String::new()),
+        None => (None, String::new()),
+    };
     Ok(pb::Change {
-        body: c.body.as_ref().map(body_struct).transpose()?,
+        body,
+        body_json,
         id: c.id.into_string(),
         rev: c.rev.to_string(),
         seq: c.seq,

@@ -47,7 +47,7 @@ pub enum Access {
 pub fn access(method: &str) -> Option<Access> {
     Some(match method {
         "CreateDatabase" | "DeleteDatabase" => Access::Admin,
-        "Get" | "Changes" => Access::Read,
+        "Get" | "Changes" | "Snapshot" => Access::Read,
         "Put" | "Delete" | "BulkPut" => Access::Write,
         "Notify" => Access::Notify,
         "Subscribe" => Access::Subscribe,

@@ -32,7 +32,7 @@ use crate::domain::{
 };
 use crate::hub::{Hub, SubscribeOptions, SubscribeRequest, Subscription};
 use crate::pb::{self, sync_service_server::SyncService};
-use crate::store::{ChangesQuery, Store, Written};
+use crate::store::{ChangesQuery, Snapshot, Store, Written};
 
 pub struct Service {
     store: Arc<Store>,
@@ -53,6 +53,11 @@ pub struct Service {
 
 /// Room kept in a response budget for the fields besides the repeated one.
 const RESPONSE_OVERHEAD: usize = 64;
+
+/// Bytes of changes in one Snapshot message (or --max-response-bytes, if
+/// smaller): big enough that framing costs nothing, small enough that the
+/// server encodes the next one while the client decodes this one.
+const SNAPSHOT_MESSAGE_BYTES: usize = 1024 * 1024;
 
 impl Service {
     pub fn new(
@@ -484,7 +489,7 @@ impl SyncService for Service {
                     include_docs: req.include_docs,
                 },
                 |change| {
-                    let change = convert::change(change)?;
+                    let change = convert::change(change, req.json_bodies)?;
                     let len = prost::Message::encoded_len(&change);
                     let framed = 1 + prost::length_delimiter_len(len) + len;
                     if bytes + framed > budget && !changes.is_empty() {
@@ -582,5 +587,133 @@ impl SyncService for Service {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type SnapshotStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send + 'static>>;
+
+    async fn snapshot(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        caller.require_read(&req.database)?;
+        let database = DbName::parse("database", &req.database)?;
+        let snapshot = self.store.snapshot(&database).await?;
+        tracing::debug!(
+            principal = log_name(&caller),
+            database = %database,
+            seq = snapshot.head.seq,
+            "snapshot stream opened"
+        );
+        let messages = SnapshotMessages {
+            snapshot,
+            chunk: Vec::new().into_iter(),
+            carry: None,
+            json_bodies: req.json_bodies,
+            budget: self
+                .max_response_bytes
+                .saturating_sub(RESPONSE_OVERHEAD)
+                .min(SNAPSHOT_MESSAGE_BYTES),
+            done: false,
+            failed: None,
+            sent: 0,
+        };
+        let shutdown = self.shutdown.clone();
+        // Yields messages until the last one or the first error.
+        let stream = futures_util::stream::unfold(Some(messages), move |state| {
+            let shutdown = shutdown.clone();
+            async move {
+                let mut state = state?;
+                let next = tokio::select! {
+                    next = state.next() => next,
+                    () = shutdown.cancelled() => Err(Error::Unavailable(format!(
+                        "the server is shutting down; keep the documents received and load the rest with Changes(since={})",
+                        state.sent
+                    ))),
+                };
+                match next {
+                    Ok(Some(message)) => Some((Ok(message), Some(state))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(Status::from(e)), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A Snapshot stream's messages: the store's chunks regrouped into
+/// messages of about `budget` encoded bytes.
+struct SnapshotMessages {
+    snapshot: Snapshot,
+    /// What is left of the chunk being sent.
+    chunk: std::vec::IntoIter<crate::domain::Change>,
+    /// A change that did not fit in the previous message.
+    carry: Option<pb::Change>,
+    json_bodies: bool,
+    budget: usize,
+    /// The last message (complete) was sent.
+    done: bool,
+    /// The snapshot failed after the changes of the message just sent.
+    failed: Option<Error>,
+    /// The seq of the last change in a message yielded (0 before any).
+    sent: u64,
+}
+
+impl SnapshotMessages {
+    async fn next(&mut self) -> Result<Option<pb::SnapshotResponse>> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let mut changes = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let change = match self.carry.take() {
+                Some(change) => change,
+                None => match self.chunk.next() {
+                    Some(change) => convert::change(change, self.json_bodies)?,
+                    None => match self.snapshot.next().await {
+                        Ok(Some(chunk)) => {
+                            self.chunk = chunk.into_iter();
+                            continue;
+                        }
+                        Ok(None) => {
+                            self.done = true;
+                            return Ok(Some(self.message(changes, true)));
+                        }
+                        // What was taken goes out before the error, which
+                        // tells the client to resume after it.
+                        Err(e) if !changes.is_empty() => {
+                            self.failed = Some(e);
+                            return Ok(Some(self.message(changes, false)));
+                        }
+                        Err(e) => return Err(e),
+                    },
+                },
+            };
+            let len = prost::Message::encoded_len(&change);
+            let framed = 1 + prost::length_delimiter_len(len) + len;
+            if bytes + framed > self.budget && !changes.is_empty() {
+                self.carry = Some(change);
+                return Ok(Some(self.message(changes, false)));
+            }
+            bytes += framed;
+            changes.push(change);
+        }
+    }
+
+    fn message(&mut self, changes: Vec<pb::Change>, complete: bool) -> pb::SnapshotResponse {
+        self.sent = changes.last().map_or(self.sent, |c| c.seq);
+        pb::SnapshotResponse {
+            changes,
+            snapshot_seq: self.snapshot.head.seq,
+            database_created_seq: self.snapshot.head.created_seq,
+            complete,
+        }
     }
 }

@@ -116,6 +116,11 @@ impl From<Error> for Status {
                 message,
                 vec![error_info("SHUTTING_DOWN", [("since", since)])],
             ),
+            Error::SnapshotStalled { since, .. } => with_details(
+                Code::Unavailable,
+                message,
+                vec![error_info("SNAPSHOT_STALLED", [("since", since)])],
+            ),
             Error::Config(why) | Error::Fatal(why) => {
                 tracing::error!(error = %why, "configuration error reached a client");
                 Status::internal("the server is misconfigured; details are in the server log")

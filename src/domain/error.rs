@@ -98,6 +98,14 @@ pub enum Error {
     #[error("{0}; retry with backoff")]
     Busy(String),
 
+    /// A Snapshot stream was not read for `secs`: it was ended to release
+    /// the storage its snapshot held. The client received everything up to
+    /// `since` and goes on with Changes from there.
+    #[error(
+        "the snapshot stream was not read for {secs} s and was ended to release the storage it held; keep the documents received and load the rest with Changes(since={since})"
+    )]
+    SnapshotStalled { secs: u64, since: u64 },
+
     /// A Subscribe stream ends because the server is shutting down; the
     /// subscriber resumes from `since` (everything up to it was delivered).
     #[error(
@@ -139,6 +147,7 @@ impl Error {
             Error::Unavailable(_)
             | Error::Busy(_)
             | Error::ShuttingDown { .. }
+            | Error::SnapshotStalled { .. }
             | Error::StorageFull(_) => "unavailable",
             Error::SinceTooOld { .. } | Error::SinceAhead { .. } => "out_of_range",
             Error::Storage(_) | Error::Config(_) | Error::Fatal(_) => "internal",

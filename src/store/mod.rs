@@ -14,8 +14,10 @@ mod durable;
 mod gets;
 mod postgres;
 mod rows;
+mod snapshot;
 mod sqlite;
 
+pub use snapshot::{Snapshot, SnapshotHead};
 pub use sqlite::syncer::PowerLoss;
 
 use std::collections::BTreeMap;
@@ -118,6 +120,13 @@ trait ReadPath: Send + Sync {
         query: ChangesQuery<'a>,
         take: &'a mut TakeChange<'a>,
     ) -> BoxFuture<'a, Result<ChangesPage>>;
+    /// A database's live documents as of one seq, streamed (see
+    /// `snapshot`); a consumer that takes no chunk for `stall` ends it.
+    fn snapshot<'a>(
+        &'a self,
+        database: &'a DbName,
+        stall: Duration,
+    ) -> BoxFuture<'a, Result<Snapshot>>;
     fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>>;
     fn counters(&self) -> BoxFuture<'_, Result<Counters>>;
     /// A page of the event log (see [`EventLog`]).
@@ -146,6 +155,14 @@ macro_rules! read_path_delegates {
             take: &'a mut TakeChange<'a>,
         ) -> BoxFuture<'a, Result<ChangesPage>> {
             Box::pin(Reads::changes(self, query, take))
+        }
+
+        fn snapshot<'a>(
+            &'a self,
+            database: &'a DbName,
+            stall: Duration,
+        ) -> BoxFuture<'a, Result<$crate::store::Snapshot>> {
+            Box::pin(Reads::snapshot(self, database, stall))
         }
 
         fn list_databases(&self) -> BoxFuture<'_, Result<Vec<DatabaseInfo>>> {
@@ -290,6 +307,11 @@ pub struct StoreOptions {
     /// How long a request_id's reply is kept (at least); older ones are
     /// deleted by the writer, a chunk at a time.
     pub request_id_retention: Duration,
+    /// Snapshot streams served at once; more wait `read_acquire_timeout`
+    /// for one to end, then fail with UNAVAILABLE.
+    pub max_snapshots: usize,
+    /// A snapshot whose consumer takes nothing for this long is ended.
+    pub snapshot_stall: Duration,
     /// Crash tests only: cut the power at an fsync (SQLite, full durability).
     pub power_loss: Option<sqlite::syncer::PowerLoss>,
 }
@@ -321,6 +343,11 @@ pub struct Store {
     /// see `run`).
     writer_bytes: Arc<Semaphore>,
     writer_queue_bytes: usize,
+    /// Slots of `--max-snapshots`.
+    snapshots: Arc<Semaphore>,
+    max_snapshots: usize,
+    snapshot_stall: Duration,
+    read_acquire_timeout: Duration,
     /// Every task the store started, joined by `close`.
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -398,6 +425,10 @@ impl Store {
             writer: tx,
             writer_bytes: Arc::new(Semaphore::new(writer_queue_bytes)),
             writer_queue_bytes,
+            snapshots: Arc::new(Semaphore::new(options.max_snapshots.max(1))),
+            max_snapshots: options.max_snapshots.max(1),
+            snapshot_stall: options.snapshot_stall,
+            read_acquire_timeout: options.read_acquire_timeout,
             tasks: Mutex::new(opened.tasks),
         })
     }
@@ -578,6 +609,31 @@ impl Store {
             }
         }
         page
+    }
+
+    /// Every document live in `database` at one seq, the snapshot's head,
+    /// streamed in chunks (in seq order) from one read transaction, once
+    /// everything up to that seq is durable. At most `--max-snapshots` are
+    /// open at once; a caller waits `--read-timeout-secs` for a slot, then
+    /// gets UNAVAILABLE.
+    pub async fn snapshot(&self, database: &DbName) -> Result<Snapshot> {
+        let slot = tokio::time::timeout(
+            self.read_acquire_timeout,
+            self.snapshots.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            Error::Busy(format!(
+                "the server already streams {} snapshots, its limit (--max-snapshots), and none ended within --read-timeout-secs",
+                self.max_snapshots
+            ))
+        })?
+        .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        let snapshot = self.reads.snapshot(database, self.snapshot_stall).await?;
+        if let Some(gate) = &self.gate {
+            gate.until_seq(snapshot.head.seq).await?;
+        }
+        Ok(snapshot.hold(slot))
     }
 
     /// Sets the store's gauges (queue depth, oldest replayable seq, pool

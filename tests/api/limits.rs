@@ -57,6 +57,7 @@ async fn changes_pages_fit_the_default_client_receive_limit() {
                 since,
                 limit: 1000,
                 include_docs: true,
+                json_bodies: false,
             })
             .await
             .expect("a page within the client's receive limit")

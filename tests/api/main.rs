@@ -20,6 +20,7 @@ mod limits;
 mod metrics;
 mod security;
 mod server;
+mod snapshot;
 mod sync;
 mod watermark;
 mod web;

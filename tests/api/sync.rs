@@ -30,6 +30,7 @@ async fn changes(
         since,
         limit,
         include_docs,
+        json_bodies: false,
     })
     .await
     .unwrap()
@@ -115,6 +116,7 @@ async fn changes_lists_each_document_once_at_its_latest_seq() {
             since: 0,
             limit: 10_001,
             include_docs: false,
+            json_bodies: false,
         })
         .await,
         Code::InvalidArgument,

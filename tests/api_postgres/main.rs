@@ -33,6 +33,8 @@ mod limits;
 mod security;
 #[path = "../api/server.rs"]
 mod server;
+#[path = "../api/snapshot.rs"]
+mod snapshot;
 #[path = "../api/sync.rs"]
 mod sync;
 

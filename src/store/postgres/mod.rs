@@ -324,7 +324,7 @@ impl ReadPath for Reads {
 
 impl Reads {
     /// A read-only transaction on one snapshot.
-    async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    async fn read_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
@@ -350,7 +350,7 @@ impl Reads {
         take: &mut TakeChange<'_>,
     ) -> Result<ChangesPage> {
         self.link.guard_abandonable(async move {
-            let mut tx = self.snapshot().await?;
+            let mut tx = self.read_tx().await?;
             let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
                 .bind(database.as_str())
                 .fetch_optional(&mut *tx)
@@ -381,6 +381,52 @@ impl Reads {
         .await
     }
 
+    /// A database's live documents as of one seq, read in one REPEATABLE
+    /// READ transaction by a task of its own.
+    pub(super) async fn snapshot(
+        &self,
+        database: &DbName,
+        stall: Duration,
+    ) -> Result<super::Snapshot> {
+        let mut tx = self
+            .link
+            .guard_abandonable(async { self.read_tx().await })
+            .await?;
+        let name = database.clone();
+        super::snapshot::start(stall, move |mut feed| {
+            tokio::spawn(async move {
+                let head = read_counters(&mut *tx).await?.last_seq;
+                let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
+                    .bind(name.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .ok_or_else(|| Error::DatabaseNotFound(name.to_string()))?;
+                let (db_id, created_seq) = rows::instance(&found)?;
+                feed.head(super::SnapshotHead {
+                    seq: head,
+                    created_seq,
+                });
+                {
+                    let mut rows = sqlx::query(
+                        "SELECT id, rev, seq, deleted, body FROM docs
+                         WHERE db_id = $1 AND NOT deleted ORDER BY seq",
+                    )
+                    .bind(db_id)
+                    .fetch(&mut *tx);
+                    while let Some(row) = rows.try_next().await? {
+                        if feed.push(rows::change(&row)?) {
+                            feed.flush().await?;
+                        }
+                    }
+                }
+                feed.flush().await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     pub(super) async fn read_events(&self, query: EventQuery<'_>) -> Result<EventPage> {
         let EventQuery {
             keys,
@@ -390,7 +436,7 @@ impl Reads {
         } = query;
         self.link
             .guard_abandonable(async move {
-                let mut tx = self.snapshot().await?;
+                let mut tx = self.read_tx().await?;
                 let Counters {
                     last_seq: head,
                     pruned_through,

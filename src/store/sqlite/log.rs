@@ -15,8 +15,9 @@ use rusqlite::Connection;
 use super::settings::{self, Role};
 
 use super::super::rows::{self};
+use super::super::snapshot::{Feed, SnapshotHead};
 use super::super::{Durability, EventPage, to_i64};
-use crate::domain::{Result, SyncKey};
+use crate::domain::{DbName, Error, Result, SyncKey};
 
 pub(super) struct LogReaders {
     path: PathBuf,
@@ -52,6 +53,27 @@ impl LogReaders {
             idle.push(conn);
         }
         page
+    }
+
+    /// Streams the live documents of `database` into `feed`, from one read
+    /// transaction (see `store::snapshot`). Blocks: call it on a blocking
+    /// thread; `runtime` runs the feed's sends.
+    pub(super) fn snapshot(
+        &self,
+        database: &DbName,
+        feed: Feed,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<()> {
+        let conn = self.take()?;
+        conn.execute_batch("BEGIN")?;
+        let streamed = stream_snapshot(&conn, database, feed, runtime);
+        let end = conn.execute_batch("COMMIT");
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        streamed?;
+        end?;
+        Ok(())
     }
 
     fn take(&self) -> Result<Connection> {
@@ -130,4 +152,42 @@ fn read_in_snapshot(
         head,
         pruned_through,
     })
+}
+
+fn stream_snapshot(
+    conn: &Connection,
+    database: &DbName,
+    mut feed: Feed,
+    runtime: &tokio::runtime::Handle,
+) -> Result<()> {
+    let counters = conn
+        .prepare_cached(crate::store::COUNTERS_SQL)?
+        .query([])?
+        .mapped(|row| Ok(rows::counter(row)))
+        .collect::<rusqlite::Result<Result<Vec<_>>>>()??;
+    let head = crate::store::Counters::from_rows(&counters)?.last_seq;
+    let mut find = conn.prepare_cached("SELECT id, created_seq FROM databases WHERE name = ?1")?;
+    let (db_id, created_seq) = find
+        .query([database.as_str()])?
+        .mapped(|row| Ok(rows::instance(row)))
+        .next()
+        .transpose()?
+        .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))??;
+    feed.head(SnapshotHead {
+        seq: head,
+        created_seq,
+    });
+    let mut select = conn.prepare_cached(
+        "SELECT id, rev, seq, deleted, body FROM docs
+         WHERE db_id = ?1 AND NOT deleted ORDER BY seq",
+    )?;
+    select.raw_bind_parameter(1, db_id)?;
+    let columns = rows::ColumnMap::of(&select);
+    let mut rows = select.raw_query();
+    while let Some(row) = rows.next()? {
+        if feed.push(rows::change(&columns.on(row))?) {
+            runtime.block_on(feed.flush())?;
+        }
+    }
+    runtime.block_on(feed.flush())
 }

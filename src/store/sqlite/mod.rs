@@ -280,6 +280,22 @@ impl Reads {
             .map_err(|e| Error::Storage(Box::new(e)))?
     }
 
+    /// A database's live documents as of one seq, read in one read
+    /// transaction on a log reader connection (rusqlite) on a blocking
+    /// thread. Not under a scan permit: `Store` bounds snapshots itself.
+    pub(super) async fn snapshot(
+        &self,
+        database: &DbName,
+        stall: Duration,
+    ) -> Result<super::Snapshot> {
+        let (log, name) = (self.log.clone(), database.clone());
+        let runtime = tokio::runtime::Handle::current();
+        super::snapshot::start(stall, move |feed| {
+            tokio::task::spawn_blocking(move || log.snapshot(&name, feed, &runtime))
+        })
+        .await
+    }
+
     pub(super) async fn list_databases(&self) -> Result<Vec<DatabaseInfo>> {
         let (_permit, mut conn) = self.scan().await?;
         let rows = sqlx::query(

@@ -15,7 +15,7 @@ use crate::store::Durability;
 
 /// How long a connection waits for a lock (a checkpoint, a backup, an
 /// operator's `sqlite3` shell) before its statement fails.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

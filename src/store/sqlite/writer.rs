@@ -60,6 +60,16 @@ impl WalBound {
 
 /// How long writes must pause before the writer truncates the WAL.
 const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long the writer's TRUNCATE checkpoint waits for readers on older
+/// snapshots (and for the PASSIVE checkpointer) before it gives up.
+const TRUNCATE_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
+/// After a TRUNCATE checkpoint that could not finish, the next one after a
+/// batch waits this long, doubled after each failure up to
+/// `TRUNCATE_BACKOFF_MAX`: a long reader (a Snapshot stream) then costs a
+/// few writes `TRUNCATE_BUSY_TIMEOUT` each, not every write.
+const TRUNCATE_BACKOFF: Duration = Duration::from_millis(100);
+const TRUNCATE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// After this many batches failed in a row, the writer gives up: the
 /// database cannot be written (disk full, I/O errors), and the process
 /// should stop so that an orchestrator restarts or replaces it.
@@ -71,6 +81,9 @@ pub(super) struct Writer {
     wal: WalBound,
     /// When the writer last warned that the WAL is over its bound.
     over_bound_warned: Option<std::time::Instant>,
+    /// When the last TRUNCATE checkpoint failed, and how long the writer
+    /// waits after it before the next one after a batch.
+    truncate_after: Option<(std::time::Instant, Duration)>,
     deliveries: mpsc::Sender<Delivery>,
     expiry: RequestExpiry,
     /// Whether the last batch committed (health's `agsync.writes`).
@@ -171,6 +184,7 @@ impl Writer {
             gate,
             wal,
             over_bound_warned: None,
+            truncate_after: None,
             deliveries,
         })
     }
@@ -180,11 +194,17 @@ impl Writer {
     /// Returns whether the WAL was reset.
     fn truncate_wal(&mut self) -> bool {
         let started = std::time::Instant::now();
+        // A TRUNCATE checkpoint waits (busy handler) for every reader on an
+        // older snapshot, and a Snapshot stream holds one for as long as it
+        // streams: waiting briefly, and backing off (`truncate_after`),
+        // keeps such a reader from pausing writes.
+        let _ = self.conn.busy_timeout(TRUNCATE_BUSY_TIMEOUT);
         let result = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
                 row.get::<_, i64>(0)
             });
+        let _ = self.conn.busy_timeout(super::settings::BUSY_TIMEOUT);
         let took = started.elapsed();
         if took > Duration::from_millis(200) {
             tracing::warn!(?took, "restarting the WAL paused the writer");
@@ -203,6 +223,14 @@ impl Writer {
                 );
             }
         }
+        self.truncate_after = match (&result, self.truncate_after) {
+            (Ok(0), _) => None,
+            (_, None) => Some((std::time::Instant::now(), TRUNCATE_BACKOFF)),
+            (_, Some((_, backoff))) => Some((
+                std::time::Instant::now(),
+                (backoff * 2).min(TRUNCATE_BACKOFF_MAX),
+            )),
+        };
         match result {
             // busy = 0: the whole WAL was copied back and reset.
             Ok(0) => true,
@@ -330,7 +358,11 @@ impl Engine for Writer {
         .await;
         if committed == Committed::Yes {
             let wal = self.wal.len();
-            if wal > self.wal.max_bytes / 2 {
+            if wal > self.wal.max_bytes / 2
+                && self
+                    .truncate_after
+                    .is_none_or(|(failed, backoff)| failed.elapsed() >= backoff)
+            {
                 self.truncate_wal();
             } else if wal > self.wal.max_bytes / 4 {
                 self.wal.nudge.notify_one();
