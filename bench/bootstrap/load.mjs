@@ -1,11 +1,16 @@
 // The TypeScript client's bootstrap loader: a fresh SyncClient (no saved
 // position) subscribes to the database's sync key and loads the whole
-// database with paged Changes (include_docs, from since=0), exactly as an
-// app's first start does; the load is over when the client goes "live".
+// database, exactly as an app's first start does; the load is over when the
+// client goes "live".
 //
 //   node load.mjs --addr 127.0.0.1:41234 --expect 1000000
-//       [--transport grpc|grpc-web] [--limit 10000] [--database boot]
-//       [--profile FILE.cpuprofile]
+//       [--transport grpc|grpc-web] [--mode paged|snapshot] [--limit 10000]
+//       [--database boot] [--profile FILE.cpuprofile]
+//
+// Modes: "paged" (the default) is SyncClient with `snapshot: false`: paged
+// Changes (include_docs, from since=0); "snapshot" is SyncClient's default:
+// one Snapshot stream (bodies as JSON text), then Changes from its seq. The
+// result line says client=node-<transport>, or node-<transport>-snapshot.
 //
 // Transports: "grpc" is @connectrpc/connect-node's gRPC transport (HTTP/2,
 // what a Node app would use); "grpc-web" is the library's own
@@ -14,8 +19,10 @@
 //
 // Counts the documents SyncClient hands to onChanges, checks that seqs
 // increase strictly and that the count is --expect, and prints one line:
-// docs, seconds, docs/s, pages, ms per page inside the Changes call (send,
-// server, receive, decode) and the client's CPU seconds. With --profile it
+// docs, seconds, docs/s, pages (batches: Changes pages or Snapshot
+// messages), ms per page inside the Changes call (send, server, receive,
+// decode) or, for a Snapshot, waiting for its next message (the stream's
+// call time included), and the client's CPU seconds. With --profile it
 // writes a V8 CPU profile and prints the functions with the most self time.
 // Needs clients/web built (npm ci && npm run build).
 import { readFileSync, writeFileSync } from "node:fs";
@@ -39,26 +46,53 @@ const { values: args } = parseArgs({
     expect: { type: "string" },
     database: { type: "string", default: "boot" },
     transport: { type: "string", default: "grpc" },
+    mode: { type: "string", default: "paged" },
     limit: { type: "string", default: "10000" },
     profile: { type: "string" },
     "timeout-secs": { type: "string", default: "600" },
   },
 });
 if (!args.addr || !args.expect) {
-  console.error("usage: node load.mjs --addr HOST:PORT --expect N [--transport grpc|grpc-web] [--limit N] [--profile FILE]");
+  console.error(
+    "usage: node load.mjs --addr HOST:PORT --expect N [--transport grpc|grpc-web] [--mode paged|snapshot] [--limit N] [--profile FILE]",
+  );
+  process.exit(2);
+}
+if (args.mode !== "paged" && args.mode !== "snapshot") {
+  console.error(`unknown --mode ${args.mode}: paged or snapshot`);
   process.exit(2);
 }
 const expect = Number(args.expect);
 const baseUrl = `http://${args.addr}`;
 
-// Times each Changes call from request to decoded response.
+// Times each Changes call from request to decoded response, and a
+// Snapshot's call and each wait for its next (decoded) message.
 let rpcMs = 0;
 const timing = (next) => async (req) => {
   const t = performance.now();
   const res = await next(req);
   if (req.method.name === "Changes") rpcMs += performance.now() - t;
+  if (req.method.name === "Snapshot") {
+    rpcMs += performance.now() - t;
+    return { ...res, message: timedMessages(res.message) };
+  }
   return res;
 };
+
+async function* timedMessages(messages) {
+  const it = messages[Symbol.asyncIterator]();
+  try {
+    for (;;) {
+      const t = performance.now();
+      const r = await it.next();
+      rpcMs += performance.now() - t;
+      if (r.done) return;
+      yield r.value;
+    }
+  } finally {
+    await it.return?.();
+  }
+}
 
 let transport;
 if (args.transport === "grpc") {
@@ -92,6 +126,7 @@ const loaded = new Promise((resolve) => {
     syncKeys: [`bench.bootstrap.${args.database}`],
     databases: [args.database],
     pageSize: Number(args.limit),
+    snapshot: args.mode === "snapshot",
     callTimeoutMs: 60_000,
     onChanges: (batch) => {
       pages += 1;
@@ -127,7 +162,7 @@ if (session) {
 }
 
 console.log(
-  `client=node-${args.transport} docs=${docs} secs=${secs.toFixed(2)} docs_per_s=${Math.round(docs / secs)} ` +
+  `client=node-${args.transport}${args.mode === "snapshot" ? "-snapshot" : ""} docs=${docs} secs=${secs.toFixed(2)} docs_per_s=${Math.round(docs / secs)} ` +
     `pages=${pages} docs_per_page=${Math.round(docs / Math.max(pages, 1))} ` +
     `ms_per_page=${(rpcMs / Math.max(pages, 1)).toFixed(1)} rpc_share=${(rpcMs / 1000 / secs).toFixed(2)} ` +
     `cpu_s=${((cpu.user + cpu.system) / 1e6).toFixed(1)}`,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bootstrap of a large database (issue 24, item 2): how fast a fresh client
-# loads N documents of ~1 KB with paged Changes (include_docs, from since=0),
-# what it costs the server in memory, and what it does to another client's
-# small writes.
+# loads N documents of ~1 KB with paged Changes (include_docs, from since=0)
+# or with a Snapshot stream (json_bodies, then Changes from its seq), what it
+# costs the server in memory, and what it does to another client's small
+# writes.
 #
 #   bench/bootstrap/run.sh                          # 1,000,000 documents, 3 runs per client
 #   BOOTSTRAP_DOCS=100000 bench/bootstrap/run.sh    # a quick one
@@ -11,10 +12,19 @@
 #   BOOTSTRAP_DOCS [1000000]      documents to load
 #   BOOTSTRAP_RUNS [3]            runs per client, interleaved (run 1 of each client, then run 2, ...)
 #   BOOTSTRAP_CLIENTS ["python node-grpc node-grpc-web"]
-#                                 python: load.py (grpcio); node-grpc: SyncClient on connect-node's
-#                                 gRPC transport (HTTP/2); node-grpc-web: SyncClient on the library's
-#                                 createAgsyncTransport (gRPC-Web over Node's fetch, HTTP/1.1)
-#   BOOTSTRAP_LIMIT [10000]       the loaders' Changes page size (the server's maximum)
+#                                 paged Changes from 0: python: load.py (grpcio); node-grpc:
+#                                 SyncClient (snapshot: false) on connect-node's gRPC transport
+#                                 (HTTP/2); node-grpc-web: SyncClient (snapshot: false) on the
+#                                 library's createAgsyncTransport (gRPC-Web over Node's fetch,
+#                                 HTTP/1.1).
+#                                 The Snapshot RPC: python-snapshot: load.py --snapshot (json_bodies,
+#                                 each body json.loads'ed, then Changes from the snapshot's seq);
+#                                 node-grpc-snapshot, node-grpc-web-snapshot: SyncClient's default
+#                                 (Snapshot with JSON bodies, then Changes) on those transports.
+#                                 All six: "python python-snapshot node-grpc node-grpc-snapshot
+#                                 node-grpc-web node-grpc-web-snapshot"
+#   BOOTSTRAP_LIMIT [10000]       the loaders' Changes page size (the server's maximum); a Snapshot's
+#                                 messages are the server's (about 1 MiB)
 #   BOOTSTRAP_MAX_RESPONSE_BYTES [4194304]  the server's --max-response-bytes; the Python
 #                                 loader's receive limit is raised to match
 #   BOOTSTRAP_IDLE_SECS [10]      length of the writer's idle measurement before each run
@@ -55,7 +65,7 @@ addr=127.0.0.1:$port
 
 for c in $clients; do
     case $c in
-        python | node-grpc | node-grpc-web) ;;
+        python | node-grpc | node-grpc-web | python-snapshot | node-grpc-snapshot | node-grpc-web-snapshot) ;;
         *) echo "run.sh: unknown client '$c' in BOOTSTRAP_CLIENTS" >&2; exit 2 ;;
     esac
     if [[ $c == node-* && ! -f $root/clients/web/dist/index.js ]]; then
@@ -105,10 +115,16 @@ load() {
     case $client in
         python) timeout 900 python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --max-receive-bytes "$max_response" "$@" ;;
+        python-snapshot) timeout 900 python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
+                    --max-receive-bytes "$max_response" --snapshot "$@" ;;
         node-grpc) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
-                    --transport grpc "$@" ;;
+                    --transport grpc --mode paged "$@" ;;
+        node-grpc-snapshot) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+                    --transport grpc --mode snapshot "$@" ;;
         node-grpc-web) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
-                    --transport grpc-web "$@" ;;
+                    --transport grpc-web --mode paged "$@" ;;
+        node-grpc-web-snapshot) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+                    --transport grpc-web --mode snapshot "$@" ;;
     esac
 }
 
@@ -234,7 +250,7 @@ if [[ $profile == 1 ]]; then
         wait_quiet
         echo "# profile: $client"
         case $client in
-            python)
+            python | python-snapshot)
                 perf_ok=0
                 if command -v perf >/dev/null && perf record -q -o "$dir/perf.data" -F 499 \
                         -p "$server_pid" -- sleep 0.1 >/dev/null 2>&1; then
@@ -243,21 +259,21 @@ if [[ $profile == 1 ]]; then
                     perf_pid=$!
                 fi
                 switches0=$(context_switches "$server_pid")
-                load python --profile "$dir/load.prof"
+                load "$client" --profile "$dir/load.prof"
                 echo "# server context switches during the load: $(( $(context_switches "$server_pid") - switches0 ))"
                 python3 -c 'import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats("tottime").print_stats(10)' \
                     "$dir/load.prof" | sed -n '/ncalls/,/^$/p'
                 if [[ $perf_ok == 1 ]]; then
                     kill -INT "$perf_pid"; wait "$perf_pid" || true
                     perf_pid=""
-                    echo "# server CPU by thread and by code during the Python load (perf, self time)"
+                    echo "# server CPU by thread and by code during the $client load (perf, self time)"
                     for sort in comm dso symbol; do
                         perf report -i "$dir/perf.data" --no-children --sort "$sort" --stdio 2>/dev/null \
                             | grep -E '^ +[0-9.]+%' | sed -e 's/[ -]*$//' -n -e '1,20p'
                     done
                 fi
                 ;;
-            node-grpc | node-grpc-web) load "$client" --profile "$dir/$client.cpuprofile" ;;
+            node-*) load "$client" --profile "$dir/$client.cpuprofile" ;;
         esac
     done
 fi

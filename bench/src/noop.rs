@@ -1,19 +1,33 @@
 //! The no-op server: the same proto, every RPC answers at once without
-//! touching storage, Subscribe sends `subscribed` and then holds the stream
-//! open. Measures the ceiling of any tonic server on this machine.
+//! touching storage, Subscribe sends `subscribed` and then every Put as a
+//! notification, through a tokio broadcast channel (the least a tonic
+//! server can do to fan out). Measures the ceiling of any tonic server on
+//! this machine, fan-out included.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use agsync::pb::sync_service_server::{SyncService, SyncServiceServer};
 use agsync::pb::{self, subscribe_response::Event};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-#[derive(Default)]
 pub struct Noop {
     seq: AtomicU64,
+    /// Every Put's notification, to every open Subscribe stream.
+    fanout: tokio::sync::broadcast::Sender<pb::SubscribeResponse>,
 }
+
+impl Default for Noop {
+    fn default() -> Self {
+        Noop {
+            seq: AtomicU64::new(0),
+            fanout: tokio::sync::broadcast::Sender::new(FANOUT_BUFFER),
+        }
+    }
+}
+
+/// Notifications a subscriber may fall behind by before it skips some.
+const FANOUT_BUFFER: usize = 4096;
 
 const REV: &str = "1-00000000000000000000000000000000";
 /// agsync's default `--max-request-bytes`.
@@ -67,11 +81,24 @@ impl SyncService for Noop {
         }))
     }
     async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let r = r.into_inner();
+        let seq = self.next_seq();
+        if self.fanout.receiver_count() > 0 {
+            let _ = self.fanout.send(pb::SubscribeResponse {
+                event: Some(Event::Notification(pb::Notification {
+                    sync_key: r.database.clone(),
+                    seq,
+                    database: r.database,
+                    id: r.id.clone(),
+                    rev: REV.into(),
+                    ..Default::default()
+                })),
+            });
+        }
         Ok(Response::new(pb::PutResponse {
-            id: r.into_inner().id,
+            id: r.id,
             rev: REV.into(),
-            seq: self.next_seq(),
-            ..Default::default()
+            seq,
         }))
     }
     async fn get(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
@@ -136,27 +163,36 @@ impl SyncService for Noop {
         }))
     }
 
-    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+    type SubscribeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>,
+    >;
 
     async fn subscribe(
         &self,
         _: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let head_seq = self.seq.load(Ordering::Relaxed);
-        tokio::spawn(async move {
-            let subscribed = pb::SubscribeResponse {
-                event: Some(Event::Subscribed(pb::Subscribed {
-                    head_seq,
-                    ..Default::default()
-                })),
-                ..Default::default()
-            };
-            if tx.send(Ok(subscribed)).await.is_ok() {
-                tx.closed().await; // hold the stream open until the client leaves
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let rx = self.fanout.subscribe();
+        let subscribed = pb::SubscribeResponse {
+            event: Some(Event::Subscribed(pb::Subscribed {
+                head_seq: self.seq.load(Ordering::Relaxed),
+            })),
+        };
+        // `subscribed`, then each notification; a lagging subscriber skips
+        // what it missed (the bench then reports it undelivered).
+        let stream =
+            futures_util::stream::unfold((Some(subscribed), rx), |(first, mut rx)| async move {
+                if let Some(first) = first {
+                    return Some((Ok(first), (None, rx)));
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(message) => return Some((Ok(message), (None, rx))),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type SnapshotStream = tokio_stream::Once<Result<pb::SnapshotResponse, Status>>;
@@ -166,11 +202,13 @@ impl SyncService for Noop {
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Ok(Response::new(tokio_stream::once(Ok(pb::SnapshotResponse {
-            snapshot_seq: self.seq.load(Ordering::Relaxed),
-            complete: true,
-            ..Default::default()
-        }))))
+        Ok(Response::new(tokio_stream::once(Ok(
+            pb::SnapshotResponse {
+                snapshot_seq: self.seq.load(Ordering::Relaxed),
+                complete: true,
+                ..Default::default()
+            },
+        ))))
     }
 }
 

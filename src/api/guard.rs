@@ -337,11 +337,12 @@ mod tests {
     #[test]
     fn every_method_of_the_descriptor_has_an_access_rule() {
         let methods = methods_of(crate::pb::FILE_DESCRIPTOR_SET, "agsync.v1.SyncService");
-        assert_eq!(methods.len(), 11, "{methods:?}");
+        assert_eq!(methods.len(), 12, "{methods:?}");
         for method in &methods {
             assert!(access(method).is_some(), "{method} has no access rule");
         }
         assert_eq!(access("Subscribe"), Some(Access::Subscribe));
+        assert_eq!(access("Snapshot"), Some(Access::Read));
         assert_eq!(access("NoSuchMethod"), None);
     }
 }

@@ -87,6 +87,7 @@ enum Rpc {
     Changes,
     Notify,
     Subscribe,
+    Snapshot,
 }
 
 /// Calls `rpc` with `auth` and returns just the outcome's code.
@@ -204,6 +205,23 @@ async fn call(c: &mut Client, rpc: Rpc, auth: Option<&str>) -> Code {
             .await
             .map(drop),
         ),
+        Rpc::Snapshot => code(
+            async {
+                let mut stream = c
+                    .snapshot(with_token(
+                        agsync::pb::SnapshotRequest {
+                            database: "cars".into(),
+                            json_bodies: true,
+                        },
+                        auth,
+                    ))
+                    .await?
+                    .into_inner();
+                while stream.message().await?.is_some() {}
+                Ok(())
+            }
+            .await,
+        ),
         Rpc::Subscribe => code(
             c.subscribe(with_token(
                 SubscribeRequest {
@@ -255,6 +273,7 @@ async fn auth_matrix() {
         (Rpc::Changes, Some(BACKEND), RITA, Code::Ok),
         (Rpc::Notify, Some(BOB), BACKEND, Code::Ok),
         (Rpc::Subscribe, Some(RITA), BOB, Code::Ok),
+        (Rpc::Snapshot, Some(BACKEND), RITA, Code::Ok),
     ];
     for &(rpc, without_grant, right, outcome) in table {
         for bad in [
@@ -571,7 +590,7 @@ async fn every_method_in_the_descriptor_refuses_a_missing_token() {
     let (srv, _dir) = secured().await;
     let methods =
         agsync::api::guard::methods_of(agsync::pb::FILE_DESCRIPTOR_SET, "agsync.v1.SyncService");
-    assert_eq!(methods.len(), 11, "{methods:?}");
+    assert_eq!(methods.len(), 12, "{methods:?}");
     for method in &methods {
         for (authorization, needle) in [
             (None, "no credentials"),

@@ -21,7 +21,7 @@ import { LocalState, type LocalChanges, type ReplicaDocument, type StorageOp } f
 import { Uploader, type Rejection, type RejectionDecision, type UploaderState, type WriteOutcome } from "./outbox.js";
 import { fieldMerge, type Resolver } from "./resolve.js";
 import { formatStoredState, parseStoredState, type SyncState, type SyncStateStore } from "./store.js";
-import { SyncClient, type ChangesBatch, type SyncStatus } from "./sync-client.js";
+import { SyncClient, type ChangesBatch, type SyncClientOptions, type SyncStatus } from "./sync-client.js";
 import { META_POSITION, storageError, type OutboxRow, type ReplicaStorage } from "./storage.js";
 
 export type { ReplicaDocument } from "./local.js";
@@ -106,6 +106,8 @@ export interface ReplicaOptions {
   callTimeoutMs?: number;
   /** Changes page size; 0 (default) is the server's. */
   pageSize?: number;
+  /** Load a database from the beginning with a Snapshot stream (default true); see {@link SyncClientOptions.snapshot}. */
+  snapshot?: boolean;
   /**
    * How tabs agree on a leader: by default Web Locks and BroadcastChannel
    * when the storage is shared (IndexedDB) and the browser has both, else
@@ -325,6 +327,7 @@ export class Replica {
       store: position,
       alias: this.#o.alias ?? "",
       pageSize: this.#o.pageSize ?? 0,
+      ...(this.#o.snapshot !== undefined ? { snapshot: this.#o.snapshot } : {}),
       ...(this.#o.backoff ? { backoff: this.#o.backoff } : {}),
       ...(this.#o.callTimeoutMs ? { callTimeoutMs: this.#o.callTimeoutMs } : {}),
       ...(this.#o.random ? { random: this.#o.random } : {}),

@@ -16,7 +16,11 @@ export interface SyncState {
    * resync: the next Subscribe starts live and every database is loaded.
    */
   seq?: bigint | undefined;
-  /** Per database name, the `last_seq` of the last Changes page loaded: the `since` of the next load. */
+  /**
+   * Per database name, where its load got to: the `last_seq` of the last
+   * Changes page loaded, or the `lastSeq` of the last Snapshot batch (see
+   * `ChangesBatch.lastSeq`): the `since` of the next load.
+   */
   databases: Record<string, bigint>;
 }
 

@@ -1,15 +1,20 @@
 // An in-memory agsync for unit tests: enough of SyncService (databases,
-// revisions, conflicts with rich details, Changes paging, a retained event
-// log, Subscribe replay/live/progress) behind connect's router transport,
-// with knobs to fail streams the way the real server does.
-import { create, type JsonObject } from "@bufbuild/protobuf";
+// revisions, conflicts with rich details, Changes paging with Struct or JSON
+// bodies, Snapshot streams, a retained event log, Subscribe
+// replay/live/progress) behind connect's router transport, with knobs to
+// fail streams the way the real server does.
+import { create, toBinary, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
 import { Code, ConnectError, createRouterTransport, type Interceptor, type Transport } from "@connectrpc/connect";
 import {
+  ChangeSchema,
   DocumentSchema,
   NotificationSchema,
   SyncService,
+  type Change,
   type ChangesRequest,
   type Notification,
+  type SnapshotRequest,
+  type SnapshotResponse,
   type SubscribeRequest,
   type SubscribeResponse,
 } from "../src/gen/agsync/v1/sync_pb.js";
@@ -67,6 +72,22 @@ class Channel<T> implements AsyncIterable<T> {
   }
 }
 
+/** JSON text with object keys sorted, as the server's body_json. */
+export function canonicalJson(value: JsonValue): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value !== null && typeof value === "object") {
+    const keys = Object.keys(value).sort();
+    return `{${keys.map((k) => `${JSON.stringify(k)}:${canonicalJson(value[k]!)}`).join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+/** A document as a Change of a response: its body as JSON text (json_bodies) or as a Struct, when asked for. */
+function wireChange(d: StoredDoc, includeDocs: boolean, jsonBodies: boolean): Change {
+  const body = !includeDocs || d.deleted ? {} : jsonBodies ? { bodyJson: canonicalJson(d.body) } : { body: d.body };
+  return create(ChangeSchema, { id: d.id, rev: d.rev, seq: d.seq, deleted: d.deleted, ...body });
+}
+
 /** An ErrorInfo detail of domain agsync. */
 export function agsyncError(code: Code, message: string, reason: string, metadata: Record<string, string>): ConnectError {
   return new ConnectError(message, code, undefined, [
@@ -84,6 +105,25 @@ export class FakeServer {
   readonly changesRequests: ChangesRequest[] = [];
   readonly putRequests: { id: string; rev: string; body: JsonObject | undefined }[] = [];
   readonly authorization: string[] = [];
+  readonly snapshotRequests: SnapshotRequest[] = [];
+  /** False: Snapshot fails with UNIMPLEMENTED, as on a server that predates it. */
+  snapshotSupported = true;
+  /** Whether Changes honours json_bodies (false: a server that predates it sends Struct bodies). */
+  jsonBodies = true;
+  /** The budget of one Snapshot message's changes, in encoded bytes (the real server's is about 1 MiB). */
+  snapshotMessageBytes = 1024 * 1024;
+  /** Send the Snapshot's last message (complete) without changes, which the contract allows, instead of with the last ones. */
+  snapshotEmptyLast = false;
+  /** The next Snapshot streams end with `error` after `afterMessages` messages (0: before the first), one entry per stream. */
+  readonly breakSnapshots: { afterMessages: number; error: ConnectError }[] = [];
+  /**
+   * Called before each Snapshot message is sent (index 0: after the
+   * snapshot's seq is fixed, before the first one): writes done here happen
+   * while the snapshot is open; a promise delays the message.
+   */
+  beforeSnapshotMessage: ((index: number) => void | Promise<void>) | undefined;
+  /** Snapshot streams whose handler has not ended yet. */
+  openSnapshots = 0;
   /** Errors the next Subscribe calls fail with, one per call, before any event. */
   readonly refuseSubscribes: ConnectError[] = [];
   /** When set, every Put conflicts as if someone wrote just before (for bounded-retry tests). */
@@ -124,13 +164,7 @@ export class FakeServer {
             const all = [...db.docs.values()].filter((d) => d.seq > req.since).sort((a, b) => Number(a.seq - b.seq));
             const page = all.slice(0, req.limit || 1000);
             return {
-              changes: page.map((d) => ({
-                id: d.id,
-                rev: d.rev,
-                seq: d.seq,
-                deleted: d.deleted,
-                ...(req.includeDocs && !d.deleted ? { body: d.body } : {}),
-              })),
+              changes: page.map((d) => wireChange(d, req.includeDocs, req.jsonBodies && this.jsonBodies)),
               lastSeq: page.length ? page[page.length - 1]!.seq : req.since,
               databaseCreatedSeq: db.createdSeq,
             };
@@ -189,6 +223,7 @@ export class FakeServer {
             return { document: { id: doc.id, rev: doc.rev, body: doc.body, seq: doc.seq } };
           },
           subscribe: (req, ctx) => this.#subscribe(req, ctx.requestHeader, ctx.signal),
+          snapshot: (req, ctx) => this.#snapshot(req, ctx.requestHeader, ctx.signal),
         });
       },
       { transport: { interceptors } },
@@ -367,6 +402,60 @@ export class FakeServer {
     } finally {
       signal.removeEventListener("abort", onAbort);
       this.#streams.delete(stream);
+    }
+  }
+
+  /**
+   * The Snapshot RPC as the real server streams it: the documents live at
+   * the seq it starts at (writes after it do not show), in seq order, in
+   * messages of at most snapshotMessageBytes of changes (at least one
+   * change each), the last one complete (with the last changes, or empty
+   * for an empty database or with snapshotEmptyLast).
+   */
+  async *#snapshot(req: SnapshotRequest, headers: Headers, signal: AbortSignal): AsyncGenerator<SnapshotResponse> {
+    this.snapshotRequests.push(req);
+    this.authorization.push(headers.get("authorization") ?? "");
+    if (!this.snapshotSupported) throw new ConnectError("Method not found: agsync.v1.SyncService/Snapshot", Code.Unimplemented);
+    const db = this.#db(req.database);
+    // Stored documents are replaced, never changed, by writes: this list is the database as of snapshotSeq.
+    const snapshotSeq = this.seq;
+    const live = [...db.docs.values()].filter((d) => !d.deleted).sort((a, b) => Number(a.seq - b.seq));
+    const breaking = this.breakSnapshots.shift();
+    const messages: Change[][] = [];
+    let current: Change[] = [];
+    let bytes = 0;
+    for (const d of live) {
+      const change = wireChange(d, true, req.jsonBodies);
+      const size = toBinary(ChangeSchema, change).length + 4;
+      if (current.length > 0 && bytes + size > this.snapshotMessageBytes) {
+        messages.push(current);
+        current = [];
+        bytes = 0;
+      }
+      current.push(change);
+      bytes += size;
+    }
+    if (this.snapshotEmptyLast && current.length > 0) messages.push(current, []);
+    else messages.push(current);
+    // Open until the handler ends or the client goes away (a generator
+    // waiting at a yield is not resumed then).
+    let open = true;
+    const close = () => {
+      if (open) this.openSnapshots -= 1;
+      open = false;
+    };
+    this.openSnapshots += 1;
+    signal.addEventListener("abort", close, { once: true });
+    try {
+      for (const [index, changes] of messages.entries()) {
+        if (breaking && breaking.afterMessages === index) throw breaking.error;
+        await this.beforeSnapshotMessage?.(index);
+        if (signal.aborted) return;
+        yield { changes, snapshotSeq, databaseCreatedSeq: db.createdSeq, complete: index === messages.length - 1 } as SnapshotResponse;
+      }
+    } finally {
+      signal.removeEventListener("abort", close);
+      close();
     }
   }
 }

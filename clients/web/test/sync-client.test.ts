@@ -72,11 +72,15 @@ function seeded(): FakeServer {
   return server;
 }
 
+// The tests that check the positions Changes pages leave (the paged path,
+// which a server without Snapshot still gets) run with snapshot: false; the
+// default, a Snapshot stream then Changes, is "SyncClient: Snapshot" below.
 describe("SyncClient", () => {
   it("first sync: subscribes live, loads every database of its keys page by page, saves the head as its position", async () => {
-    const h = harness(seeded(), { pageSize: 2 });
+    const h = harness(seeded(), { pageSize: 2, snapshot: false });
     h.client.start();
     await live(h);
+    assert.deepEqual(h.server.snapshotRequests, [], "snapshot: false pages Changes from 0");
     assert.equal(h.server.subscribeRequests.length, 1);
     assert.equal(h.server.subscribeRequests[0]!.since, undefined, "no since on the first sync");
     assert.deepEqual(h.server.subscribeRequests[0]!.syncKeys, [KEY]);
@@ -102,7 +106,7 @@ describe("SyncClient", () => {
   });
 
   it("a notification loads only what changed since the last load, and saves its seq", async () => {
-    const h = harness(seeded());
+    const h = harness(seeded(), { snapshot: false });
     h.client.start();
     await live(h);
     h.batches.length = 0;
@@ -131,7 +135,7 @@ describe("SyncClient", () => {
 
   it("resumes with since after a broken stream, backing off exponentially with jitter, capped, reset once live", async () => {
     const server = seeded();
-    const h = harness(server);
+    const h = harness(server, { snapshot: false });
     h.client.start();
     await live(h);
     const unavailable = () => new ConnectError("connection reset", Code.Unavailable);
@@ -170,7 +174,7 @@ describe("SyncClient", () => {
     server.oldestSeq = 3n;
     const store = new MemoryStateStore({ syncKeys: [KEY], seq: 1n, databases: { cars: 1n, gone: 7n } });
     const subscribed: (bigint | undefined)[] = [];
-    const h = harness(server, { onSubscribe: (since) => void subscribed.push(since) }, store);
+    const h = harness(server, { snapshot: false, onSubscribe: (since) => void subscribed.push(since) }, store);
     h.client.start();
     await live(h);
     assert.deepEqual(subscribed, [1n, undefined]);
@@ -231,7 +235,7 @@ describe("SyncClient", () => {
     server.createDatabase("cars", KEY); // created_seq 20
     server.put("cars", "g", {}); // seq 21
     const store = new MemoryStateStore({ syncKeys: [KEY], seq: 20n, databases: { cars: 9n } });
-    const h = harness(server, {}, store);
+    const h = harness(server, { snapshot: false }, store);
     h.client.start();
     await waitFor(() => store.get()?.seq === 21n, "caught up");
     assert.deepEqual(server.changesRequests.map((r) => r.since), [9n, 0n, 21n]);
@@ -283,6 +287,7 @@ describe("SyncClient", () => {
     let failures = 1;
     const seen: string[][] = [];
     const h = harness(server, {
+      snapshot: false,
       onChanges: (batch) => {
         seen.push(ids(batch));
         if (failures-- > 0) throw new Error("disk full");
@@ -323,5 +328,343 @@ describe("SyncClient", () => {
       "Bearer second", // Changes since 3
       "Bearer second", // Changes since 5 (empty)
     ]);
+  });
+});
+
+/** A MemoryStateStore that records the position of `database` at every save. */
+class RecordingStore extends MemoryStateStore {
+  readonly positions: (bigint | undefined)[] = [];
+  constructor(readonly database = "cars") {
+    super();
+  }
+  override set(state: Parameters<MemoryStateStore["set"]>[0]): void {
+    this.positions.push(state.databases[this.database]);
+    super.set(state);
+  }
+}
+
+/** Applies batches the way an app does (reset drops the copy; replace by id), giving id -> body. */
+function applied(batches: ChangesBatch[], database = "cars"): Map<string, unknown> {
+  const copy = new Map<string, unknown>();
+  for (const b of batches.filter((b) => b.database === database)) {
+    if (b.reset) copy.clear();
+    for (const c of b.changes) {
+      if (c.deleted) copy.delete(c.id);
+      else copy.set(c.id, c.body);
+    }
+  }
+  return copy;
+}
+
+/** The live documents of a fake server's database, id -> body. */
+function serverDocs(server: FakeServer, database = "cars"): Map<string, unknown> {
+  return new Map([...server.dbs.get(database)!.docs.values()].filter((d) => !d.deleted).map((d) => [d.id, d.body]));
+}
+
+/** seeded()'s cars documents take about 65 encoded bytes each: two per Snapshot message. */
+const TWO_PER_MESSAGE = 140;
+
+describe("SyncClient: Snapshot", () => {
+  it("first sync: one Snapshot stream with JSON bodies, a batch per message, then Changes from the snapshot's seq", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    const store = new RecordingStore();
+    const h = harness(server, {}, store);
+    h.client.start();
+    await live(h);
+    assert.deepEqual(server.snapshotRequests.map((r) => [r.database, r.jsonBodies]), [["cars", true]]);
+    assert.deepEqual(
+      h.batches.map((b) => [b.database, b.since, b.lastSeq, b.reset, ids(b)]),
+      [
+        ["cars", 0n, 2n, true, ["a", "b"]],
+        ["cars", 2n, 4n, false, ["c"]], // the last message: lastSeq is the snapshot's seq (the head, 4)
+      ],
+    );
+    assert.deepEqual(h.batches[0]!.changes[0], { id: "a", rev: server.doc("cars", "a")!.rev, seq: 1n, deleted: false, body: { model: "Mustang" } });
+    assert.deepEqual(
+      server.changesRequests.map((r) => [r.database, r.since, r.includeDocs, r.jsonBodies]),
+      [["cars", 4n, true, true]],
+      "Changes from the snapshot's seq, to the end of the feed",
+    );
+    assert.deepEqual(store.positions, [2n, 4n, 4n], "the seq of the last document received, then the snapshot's seq");
+    assert.deepEqual(store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 4n } });
+    assert.deepEqual(h.client.status, { state: "live", seq: 4n, headSeq: 4n });
+    assert.equal(server.openSnapshots, 0);
+
+    // Later writes load from the snapshot's seq on.
+    const d = server.put("cars", "d", { model: "Fiesta" });
+    await waitFor(() => store.get()?.seq === d.seq, "the notification handled");
+    assert.deepEqual(h.batches.slice(2).map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[4n, 5n, false, ["d"]]]);
+    assert.equal(server.snapshotRequests.length, 1);
+  });
+
+  it("hands off to Changes: writes made while the snapshot is open come after it, none lost", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    server.beforeSnapshotMessage = (index) => {
+      if (index !== 0) return;
+      server.put("cars", "d", { model: "Fiesta" }); // 5: new
+      server.put("cars", "a", { model: "Mustang GT" }); // 6: changed after the snapshot's seq
+      server.remove("cars", "b"); // 7: deleted after it
+    };
+    const h = harness(server);
+    h.client.start();
+    await live(h);
+    await waitFor(() => h.store.get()?.seq === 7n, "the writes' notifications handled");
+    assert.deepEqual(
+      h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]),
+      [
+        [0n, 2n, true, ["a", "b"]],
+        [2n, 4n, false, ["c"]],
+        [4n, 7n, false, ["d", "a", "b"]],
+      ],
+    );
+    assert.deepEqual(h.batches[0]!.changes[0]!.body, { model: "Mustang" }, "the snapshot holds a as of its seq");
+    assert.equal(h.batches[2]!.changes[2]!.deleted, true);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [4n, 7n], "the notifications of 5-7 need no load: the load covered them");
+    assert.deepEqual(applied(h.batches), serverDocs(server));
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 7n, databases: { cars: 7n } });
+  });
+
+  it("a stream broken mid-way keeps what arrived and goes on with Changes from the seq of the last document received", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    server.breakSnapshots.push({ afterMessages: 1, error: new ConnectError("the snapshot was not read for 30 s", Code.Unavailable) });
+    server.beforeSnapshotMessage = (index) => {
+      if (index === 0) server.put("cars", "c", { model: "Mini Cooper" }); // 5
+    };
+    const errors: Code[] = [];
+    const store = new RecordingStore();
+    const h = harness(server, { onError: (e) => void errors.push(e.code) }, store);
+    h.client.start();
+    await live(h);
+    await waitFor(() => store.get()?.seq === 5n, "caught up");
+    assert.deepEqual(
+      h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]),
+      [
+        [0n, 2n, true, ["a", "b"]],
+        [2n, 5n, false, ["c"]],
+      ],
+    );
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [2n, 5n]);
+    assert.deepEqual(store.positions.slice(0, 3), [2n, 5n, 5n]);
+    assert.deepEqual(applied(h.batches), serverDocs(server));
+    assert.equal(server.subscribeRequests.length, 1, "no reconnect");
+    assert.deepEqual(errors, []);
+    assert.deepEqual(h.delays, []);
+  });
+
+  it("a stream that sends nothing for callTimeoutMs counts as broken", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    server.beforeSnapshotMessage = (index) => (index === 1 ? new Promise((r) => setTimeout(r, 300)) : undefined);
+    const h = harness(server, { callTimeoutMs: 50 });
+    h.client.start();
+    await live(h);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [
+      [0n, 2n, true, ["a", "b"]],
+      [2n, 3n, false, ["c"]],
+    ]);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [2n, 3n]);
+    assert.deepEqual(h.delays, []);
+    await waitFor(() => server.openSnapshots === 0, "the server's stream ended");
+  });
+
+  it("a stream that fails before its first message is retried with backoff", async () => {
+    const server = seeded();
+    server.breakSnapshots.push({ afterMessages: 0, error: new ConnectError("too many snapshots", Code.Unavailable) });
+    const h = harness(server);
+    h.client.start();
+    await waitFor(() => h.client.status.state === "live", "live");
+    assert.equal(server.snapshotRequests.length, 2);
+    assert.deepEqual(h.delays, [75]);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[0n, 4n, true, ["a", "b", "c"]]]);
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 4n } });
+  });
+
+  it("a last message without documents: the position moves to the snapshot's seq without a batch", async () => {
+    const server = seeded();
+    server.snapshotEmptyLast = true;
+    const h = harness(server);
+    h.client.start();
+    await live(h);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[0n, 3n, true, ["a", "b", "c"]]]);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [4n]);
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 4n } });
+  });
+
+  it("an empty database: one reset batch without documents", async () => {
+    const server = new FakeServer();
+    server.createDatabase("boats", "org.example.sync.Boats");
+    server.put("boats", "x", {}); // 1
+    server.createDatabase("cars", KEY); // created_seq 1, empty
+    const h = harness(server);
+    h.client.start();
+    await live(h);
+    assert.deepEqual(h.batches.map((b) => [b.database, b.since, b.lastSeq, b.reset, ids(b)]), [["cars", 0n, 1n, true, []]]);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [1n]);
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 1n, databases: { cars: 1n } });
+    const d = server.put("cars", "d", { model: "Fiesta" });
+    await waitFor(() => h.store.get()?.seq === d.seq, "loaded");
+    assert.deepEqual(h.batches.slice(1).map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[1n, 2n, false, ["d"]]]);
+  });
+
+  it("a server without Snapshot (UNIMPLEMENTED): pages Changes from 0 as before, and does not ask again", async () => {
+    const server = seeded();
+    server.snapshotSupported = false;
+    const errors: Code[] = [];
+    const h = harness(server, { pageSize: 2, onError: (e) => void errors.push(e.code) });
+    h.client.start();
+    await live(h);
+    assert.equal(server.snapshotRequests.length, 1);
+    assert.deepEqual(server.changesRequests.map((r) => [r.since, r.jsonBodies]), [
+      [0n, true],
+      [2n, true],
+      [3n, true],
+    ]);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [
+      [0n, 2n, true, ["a", "b"]],
+      [2n, 3n, false, ["c"]],
+    ]);
+    assert.deepEqual(errors, [], "UNIMPLEMENTED from Snapshot does not stop the client");
+    // A database first seen later is loaded from 0 with Changes straight away.
+    server.createDatabase("trucks", KEY);
+    const t = server.put("trucks", "t", { wheels: 6 });
+    await waitFor(() => h.store.get()?.seq === t.seq, "trucks loaded");
+    assert.equal(server.snapshotRequests.length, 1);
+    assert.deepEqual(h.batches.slice(2).map((b) => [b.database, b.since, b.reset, ids(b)]), [["trucks", 0n, true, ["t"]]]);
+  });
+
+  it("with snapshot: false, never calls Snapshot", async () => {
+    const server = seeded();
+    const h = harness(server, { snapshot: false });
+    h.client.start();
+    await live(h);
+    assert.deepEqual(server.snapshotRequests, []);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [0n, 3n]);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[0n, 3n, true, ["a", "b", "c"]]]);
+  });
+
+  it("a database that does not exist (NOT_FOUND) is skipped, as with Changes", async () => {
+    const server = seeded();
+    const h = harness(server, { databases: ["ghost"] });
+    h.client.start();
+    await live(h);
+    assert.deepEqual(server.snapshotRequests.map((r) => r.database), ["ghost"]);
+    assert.deepEqual(server.changesRequests, []);
+    assert.deepEqual(h.batches, []);
+  });
+
+  it("a stale position of a re-created database reloads it with a Snapshot (database_created_seq)", async () => {
+    const server = new FakeServer();
+    server.seq = 20n;
+    server.createDatabase("cars", KEY); // created_seq 20
+    server.put("cars", "g", {}); // 21
+    const store = new MemoryStateStore({ syncKeys: [KEY], seq: 20n, databases: { cars: 9n } });
+    const h = harness(server, {}, store);
+    h.client.start();
+    await waitFor(() => store.get()?.seq === 21n, "caught up");
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [9n, 21n]);
+    assert.equal(server.snapshotRequests.length, 1);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [[0n, 21n, true, ["g"]]]);
+    assert.deepEqual(store.get()?.databases, { cars: 21n });
+  });
+
+  it("OUT_OF_RANGE: the resync reloads with a Snapshot", async () => {
+    const server = seeded();
+    server.oldestSeq = 3n;
+    const store = new MemoryStateStore({ syncKeys: [KEY], seq: 1n, databases: { cars: 1n } });
+    const h = harness(server, {}, store);
+    h.client.start();
+    await live(h);
+    assert.equal(h.resyncs.length, 1);
+    assert.deepEqual(server.snapshotRequests.map((r) => r.database), ["cars"]);
+    assert.deepEqual(h.batches.map((b) => [b.since, b.reset, ids(b)]), [[0n, true, ["a", "b", "c"]]]);
+    assert.deepEqual(store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 4n } });
+  });
+
+  it("an app callback that throws mid-snapshot: after the reconnect, Changes from the last batch it took", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    let failures = 1;
+    const seen: [bigint, string[]][] = [];
+    const h = harness(server, {
+      onChanges: (batch) => {
+        seen.push([batch.since, ids(batch)]);
+        if (batch.since === 2n && failures-- > 0) throw new Error("disk full");
+      },
+    });
+    h.client.start();
+    await live(h);
+    assert.deepEqual(seen, [
+      [0n, ["a", "b"]],
+      [2n, ["c"]], // the snapshot's last message: throws
+      [2n, ["c"]], // Changes from 2
+    ]);
+    assert.deepEqual(h.delays, [75]);
+    assert.equal(server.snapshotRequests.length, 1);
+    assert.deepEqual(server.changesRequests.map((r) => r.since), [2n, 3n]);
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 3n } });
+    await waitFor(() => server.openSnapshots === 0, "the stream closed");
+  });
+
+  it("stop() during a snapshot closes the stream; start() goes on with Changes from the last batch", async () => {
+    const server = seeded();
+    server.snapshotMessageBytes = TWO_PER_MESSAGE;
+    let stopping: Promise<void> | undefined;
+    const batches: ChangesBatch[] = [];
+    const h = harness(server, {
+      onChanges: (batch) => {
+        batches.push(batch);
+        if (batches.length === 1) stopping = h.client.stop();
+      },
+    });
+    h.client.start();
+    await waitFor(() => stopping !== undefined, "the first batch");
+    await stopping;
+    assert.deepEqual(h.client.status, { state: "stopped", seq: undefined });
+    await waitFor(() => server.openSnapshots === 0, "the server's stream ended");
+    assert.deepEqual(h.store.get()?.databases, { cars: 2n });
+    assert.deepEqual(server.changesRequests, []);
+    h.client.start();
+    await live(h);
+    assert.equal(server.snapshotRequests.length, 1);
+    assert.deepEqual(batches.map((b) => [b.since, b.lastSeq, b.reset, ids(b)]), [
+      [0n, 2n, true, ["a", "b"]],
+      [2n, 3n, false, ["c"]],
+    ]);
+    assert.deepEqual(h.store.get(), { syncKeys: [KEY], seq: 4n, databases: { cars: 3n } });
+  });
+
+  it("bodies: JSON text decoded, the same as the Struct an older server sends", async () => {
+    const body = { n: 1.5, big: 9007199254740991, s: "é\u2028\"", nested: { z: [1, { y: null }], a: true }, empty: {} };
+    const load = async (setup: (server: FakeServer) => void, options: Partial<SyncClientOptions> = {}) => {
+      const server = new FakeServer();
+      server.createDatabase("cars", KEY);
+      server.put("cars", "a", body);
+      server.put("cars", "e", {});
+      setup(server);
+      const h = harness(server, options);
+      h.client.start();
+      await live(h);
+      server.put("cars", "b", body); // loaded with Changes
+      await waitFor(() => h.store.get()?.seq === 3n, "loaded");
+      return h.batches.flatMap((b) => b.changes.map((c) => [c.id, c.body]));
+    };
+    const want = [
+      ["a", body],
+      ["e", {}],
+      ["b", body],
+    ];
+    assert.deepEqual(await load(() => {}), want, "Snapshot and Changes with body_json");
+    assert.deepEqual(await load(() => {}, { snapshot: false }), want, "Changes with body_json");
+    assert.deepEqual(
+      await load((server) => {
+        server.snapshotSupported = false;
+        server.jsonBodies = false;
+      }),
+      want,
+      "an older server: Struct bodies",
+    );
   });
 });

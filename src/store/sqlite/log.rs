@@ -8,6 +8,7 @@
 //! cache: the log is read in order, through mmap.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -24,14 +25,31 @@ pub(super) struct LogReaders {
     durability: Durability,
     /// Connections not in use.
     idle: Mutex<Vec<Connection>>,
+    /// Snapshots streaming now (the writer's checkpoints wait less for
+    /// readers meanwhile, see `writer::WalBound`).
+    long_reads: Arc<AtomicUsize>,
+}
+
+/// Counts a snapshot in `LogReaders::long_reads` while it lives.
+struct LongRead<'a>(&'a AtomicUsize);
+
+impl Drop for LongRead<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl LogReaders {
-    pub(super) fn new(path: PathBuf, durability: Durability) -> Arc<Self> {
+    pub(super) fn new(
+        path: PathBuf,
+        durability: Durability,
+        long_reads: Arc<AtomicUsize>,
+    ) -> Arc<Self> {
         Arc::new(LogReaders {
             path,
             durability,
             idle: Mutex::new(Vec::new()),
+            long_reads,
         })
     }
 
@@ -64,6 +82,8 @@ impl LogReaders {
         feed: Feed,
         runtime: &tokio::runtime::Handle,
     ) -> Result<()> {
+        self.long_reads.fetch_add(1, Ordering::AcqRel);
+        let _counted = LongRead(&self.long_reads);
         let conn = self.take()?;
         conn.execute_batch("BEGIN")?;
         let streamed = stream_snapshot(&conn, database, feed, runtime);

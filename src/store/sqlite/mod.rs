@@ -95,10 +95,12 @@ pub(super) async fn open(
         keep: options.retain_events.max(1),
         pruned_through,
     };
+    let long_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let wal = WalBound {
         path: wal_path(path),
         max_bytes: options.wal_max_bytes.max(1),
         nudge: Arc::new(tokio::sync::Notify::new()),
+        long_reads: long_reads.clone(),
     };
     let nudge = wal.nudge.clone();
     let (deliveries, deliveries_rx) = mpsc::channel(writer::DELIVERY_QUEUE);
@@ -185,7 +187,7 @@ pub(super) async fn open(
             reader,
             scans: Semaphore::new(options.read_connections.saturating_sub(1).max(1) as usize),
             gets,
-            log: log::LogReaders::new(path.to_owned(), durability),
+            log: log::LogReaders::new(path.to_owned(), durability, long_reads),
         }),
         tasks,
         reachable,

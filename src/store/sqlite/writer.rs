@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -43,6 +44,9 @@ pub(super) struct WalBound {
     pub max_bytes: u64,
     /// Wakes the PASSIVE checkpointer (see `sqlite::checkpointer`).
     pub nudge: std::sync::Arc<tokio::sync::Notify>,
+    /// Snapshot streams open on the file, each holding a read transaction
+    /// for as long as it streams (`log::LogReaders::snapshot`).
+    pub long_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl WalBound {
@@ -61,13 +65,16 @@ impl WalBound {
 /// How long writes must pause before the writer truncates the WAL.
 const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 
-/// How long the writer's TRUNCATE checkpoint waits for readers on older
-/// snapshots (and for the PASSIVE checkpointer) before it gives up.
+/// While a Snapshot stream is open, how long the writer's TRUNCATE
+/// checkpoint waits for readers on older snapshots before it gives up (at
+/// other times it waits up to the busy timeout: readers are short).
 const TRUNCATE_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
-/// After a TRUNCATE checkpoint that could not finish, the next one after a
-/// batch waits this long, doubled after each failure up to
-/// `TRUNCATE_BACKOFF_MAX`: a long reader (a Snapshot stream) then costs a
-/// few writes `TRUNCATE_BUSY_TIMEOUT` each, not every write.
+/// After a TRUNCATE checkpoint that could not finish while a Snapshot
+/// stream was open, the next one after a batch waits this long, doubled
+/// after each failure up to `TRUNCATE_BACKOFF_MAX`, while the WAL is under
+/// `--wal-max-bytes`: the stream then costs a few writes
+/// `TRUNCATE_BUSY_TIMEOUT` each, not every write. Over the bound, every
+/// batch tries.
 const TRUNCATE_BACKOFF: Duration = Duration::from_millis(100);
 const TRUNCATE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// After this many batches failed in a row, the writer gives up: the
@@ -196,15 +203,22 @@ impl Writer {
         let started = std::time::Instant::now();
         // A TRUNCATE checkpoint waits (busy handler) for every reader on an
         // older snapshot, and a Snapshot stream holds one for as long as it
-        // streams: waiting briefly, and backing off (`truncate_after`),
-        // keeps such a reader from pausing writes.
-        let _ = self.conn.busy_timeout(TRUNCATE_BUSY_TIMEOUT);
+        // streams: then waiting briefly, and backing off (`truncate_after`),
+        // keeps it from pausing writes. (A stream that starts during a
+        // checkpoint with the long wait holds that checkpoint up: rare, as a
+        // checkpoint takes milliseconds.)
+        let long_read = self.wal.long_reads.load(Ordering::Acquire) > 0;
+        if long_read {
+            let _ = self.conn.busy_timeout(TRUNCATE_BUSY_TIMEOUT);
+        }
         let result = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
                 row.get::<_, i64>(0)
             });
-        let _ = self.conn.busy_timeout(super::settings::BUSY_TIMEOUT);
+        if long_read {
+            let _ = self.conn.busy_timeout(super::settings::BUSY_TIMEOUT);
+        }
         let took = started.elapsed();
         if took > Duration::from_millis(200) {
             tracing::warn!(?took, "restarting the WAL paused the writer");
@@ -225,6 +239,7 @@ impl Writer {
         }
         self.truncate_after = match (&result, self.truncate_after) {
             (Ok(0), _) => None,
+            _ if !long_read => None,
             (_, None) => Some((std::time::Instant::now(), TRUNCATE_BACKOFF)),
             (_, Some((_, backoff))) => Some((
                 std::time::Instant::now(),
@@ -358,10 +373,13 @@ impl Engine for Writer {
         .await;
         if committed == Committed::Yes {
             let wal = self.wal.len();
-            if wal > self.wal.max_bytes / 2
-                && self
-                    .truncate_after
-                    .is_none_or(|(failed, backoff)| failed.elapsed() >= backoff)
+            // Over the bound, every batch tries; under it, a failed try
+            // backs off (see `truncate_after`).
+            if wal > self.wal.max_bytes
+                || (wal > self.wal.max_bytes / 2
+                    && self
+                        .truncate_after
+                        .is_none_or(|(failed, backoff)| failed.elapsed() >= backoff))
             {
                 self.truncate_wal();
             } else if wal > self.wal.max_bytes / 4 {
@@ -629,6 +647,7 @@ mod tests {
             path: path.with_extension("db-wal"),
             max_bytes: 1 << 26,
             nudge: Arc::default(),
+            long_reads: Arc::default(),
         };
         let conn = super::super::settings::rusqlite_connection(
             &path,

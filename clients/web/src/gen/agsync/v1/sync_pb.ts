@@ -769,8 +769,9 @@ export type Change = Message<"agsync.v1.Change"> & {
   /**
    * Set instead of `body` when the request asked for json_bodies: the body
    * as JSON text (an object, keys sorted). Cheaper for the server to send
-   * and for a client to decode (JSON.parse, json.loads) than a Struct, and
-   * numbers keep their exact text.
+   * and for a client to decode (JSON.parse, json.loads) than a Struct.
+   * Servers older than this field ignore json_bodies and fill `body`: a
+   * client reads `body` when body_json is empty.
    *
    * @generated from field: string body_json = 6;
    */
@@ -874,9 +875,18 @@ export const SnapshotRequestSchema: GenMessage<SnapshotRequest> = /*@__PURE__*/
  * with Changes(since=<seq of the last change received>): its pages hold every
  * document changed after that seq, deletions included.
  *
- * The snapshot holds the server's storage at S while it is open, so a stream
- * that is not read for --snapshot-stall-secs (30 s by default) ends with
- * UNAVAILABLE; go on with Changes as for a broken stream.
+ * Errors: before the first message, UNAVAILABLE means busy (retry the
+ * Snapshot with backoff) and NOT_FOUND a missing database. After messages
+ * arrived, UNAVAILABLE means the stream was cut (the server shuts down, or
+ * the stream stalled): keep what arrived and go on with Changes as for a
+ * broken stream. The snapshot holds the server's storage at S while it is
+ * open, so a stream that is not read for --snapshot-stall-secs (30 s by
+ * default) ends with UNAVAILABLE carrying an ErrorInfo with reason
+ * "SNAPSHOT_STALLED" and metadata {"since"}: the seq to call Changes with.
+ *
+ * S is the server's head seq when the snapshot was taken (a global seq,
+ * like every seq), not the database's newest change: it may be higher than
+ * the seq of any document in the snapshot, also for an empty database.
  *
  * @generated from message agsync.v1.SnapshotResponse
  */
