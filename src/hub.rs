@@ -315,6 +315,8 @@ pub struct Subscription<L: EventLog> {
     /// Something was delivered since the timer last fired.
     active: bool,
     shutdown: CancellationToken,
+    /// `agsync_notifications_delivered_total`, resolved once.
+    delivered: metrics::Counter,
 }
 
 impl<L: EventLog> Subscription<L> {
@@ -349,7 +351,10 @@ impl<L: EventLog> Subscription<L> {
             replay_bytes: options.replay_bytes,
             idle: Box::pin(tokio::time::sleep(options.progress_every)),
             active: false,
-            shutdown,
+            // A token of its own, cancelled with the server's: waiting on it
+            // takes this token's lock, not one all streams share.
+            shutdown: shutdown.child_token(),
+            delivered: metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED),
         };
         if let Some(since) = since {
             sub.last = since;
@@ -429,7 +434,7 @@ impl<L: EventLog> Subscription<L> {
                 if event.is_for(self.alias.as_ref()) {
                     self.active = true;
                     metrics::counter!(crate::telemetry::REPLAYED_EVENTS).increment(1);
-                    metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED).increment(1);
+                    self.delivered.increment(1);
                     return Ok(Item::Notification(Arc::new(event)));
                 }
                 continue;
@@ -500,7 +505,7 @@ impl<L: EventLog> Subscription<L> {
         }
         self.last = event.seq;
         self.active = true;
-        metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED).increment(1);
+        self.delivered.increment(1);
         Ok(Some(Item::Notification(event)))
     }
 }

@@ -29,6 +29,9 @@
 #                                 loader's receive limit is raised to match
 #   BOOTSTRAP_IDLE_SECS [10]      length of the writer's idle measurement before each run
 #   BOOTSTRAP_PORT [41234]        the server listens on 127.0.0.1:PORT
+#   BOOTSTRAP_LOADER_NICE [0]     the loader's nice value: 10 lets the server and the writer go first,
+#                                 as if the loader ran on another machine (the writer's p99 then
+#                                 shows what the server's own work costs it)
 #   BOOTSTRAP_PROFILE [0]         1: after the runs, one profiled run per client (cProfile,
 #                                 V8 CPU profile) and, with `perf` usable, the server's hot spots
 #                                 (BOOTSTRAP_RUNS=0 BOOTSTRAP_PROFILE=1: the profiles alone)
@@ -60,6 +63,7 @@ max_response=${BOOTSTRAP_MAX_RESPONSE_BYTES:-4194304}
 idle_secs=${BOOTSTRAP_IDLE_SECS:-10}
 port=${BOOTSTRAP_PORT:-41234}
 profile=${BOOTSTRAP_PROFILE:-0}
+loader_nice=${BOOTSTRAP_LOADER_NICE:-0}
 bin=${AGSYNC_BIN:-$root/target/release/agsync}
 addr=127.0.0.1:$port
 
@@ -113,22 +117,22 @@ stop_server() {
 load() {
     local client=$1; shift
     case $client in
-        python) timeout 900 python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
+        python) timeout 900 nice -n "$loader_nice" python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --max-receive-bytes "$max_response" "$@" ;;
-        python-snapshot) timeout 900 python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
+        python-snapshot) timeout 900 nice -n "$loader_nice" python3 "$here/load.py" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --max-receive-bytes "$max_response" --snapshot "$@" ;;
-        node-grpc) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+        node-grpc) timeout 900 nice -n "$loader_nice" node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --transport grpc --mode paged "$@" ;;
-        node-grpc-snapshot) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+        node-grpc-snapshot) timeout 900 nice -n "$loader_nice" node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --transport grpc --mode snapshot "$@" ;;
-        node-grpc-web) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+        node-grpc-web) timeout 900 nice -n "$loader_nice" node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --transport grpc-web --mode paged "$@" ;;
-        node-grpc-web-snapshot) timeout 900 node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
+        node-grpc-web-snapshot) timeout 900 nice -n "$loader_nice" node "$here/load.mjs" --addr "$addr" --expect "$docs" --limit "$limit" \
                     --transport grpc-web --mode snapshot "$@" ;;
     esac
 }
 
-echo "# bootstrap: docs=$docs runs=$runs clients='$clients' limit=$limit max_response_bytes=$max_response" \
+echo "# bootstrap: docs=$docs runs=$runs clients='$clients' limit=$limit max_response_bytes=$max_response loader_nice=$loader_nice" \
      "server=$("$dir/agsync" --version) (sha256 $(sha256sum "$dir/agsync" | cut -c1-12)) $(nproc) cores, $(date -u +%FT%TZ)"
 start_server
 python3 "$here/fill.py" --addr "$addr" --docs "$docs"

@@ -1,10 +1,11 @@
-//! `churn`: `--subscribers` streams on one key that each leave and
-//! subscribe again with `since` (the last seq they saw), `--rate`
-//! resubscribes per second in all, while `--clients` writers Put new
-//! documents, each one every `--interval-ms`. Each stream's whole history must be every acknowledged write,
-//! in order, once: no gap, no duplicate. The latency is a resubscribe's,
-//! from the Subscribe call to its `subscribed` event (after the replay of
-//! what it missed).
+//! `churn`: `--subscribers` streams on one key, all opened first (256 at a
+//! time), then for the measured time each leaves and subscribes again with
+//! `since` (the last seq it saw), `--rate` resubscribes per second in all,
+//! while `--clients` writers Put new documents, each one every
+//! `--interval-ms`. Each stream's whole history must be every acknowledged
+//! write, in order, once: no gap, no duplicate. The latency is a
+//! resubscribe's, from the Subscribe call to its `subscribed` event (after
+//! the replay of what it missed), counted while the writers write.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,11 +42,35 @@ pub(crate) async fn run(
     let stay = Duration::from_secs_f64(subscribers as f64 / args.rate.max(1) as f64);
     let (last_tx, last_rx) = tokio::sync::watch::channel(None::<u64>);
     let rss_start = rss_kb(pid);
+    let phase = Arc::new(Phase {
+        opening: tokio::sync::Semaphore::new(crate::workloads::OPENING_AT_ONCE),
+        opened: tokio::sync::watch::channel(0usize).0,
+        measuring: AtomicBool::new(false),
+    });
+    let opening = Instant::now();
     let readers: Vec<_> = clients(&channels, subscribers)
         .into_iter()
         .enumerate()
-        .map(|(k, c)| tokio::spawn(subscriber(c, k as u64, stay, last_rx.clone())))
+        .map(|(k, c)| {
+            tokio::spawn(subscriber(
+                c,
+                k as u64,
+                stay,
+                last_rx.clone(),
+                phase.clone(),
+            ))
+        })
         .collect();
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        phase.opened.subscribe().wait_for(|n| *n >= subscribers),
+    )
+    .await
+    .map_err(|_| "the subscribers did not all open within 300 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    let rss_open = rss_kb(pid);
+    phase.measuring.store(true, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let every = Duration::from_millis(args.interval_ms);
     let writers: Vec<_> = all
@@ -77,6 +102,7 @@ pub(crate) async fn run(
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
+    phase.measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let (mut acked, mut write_errors) = (Vec::new(), 0);
     for w in writers {
@@ -124,8 +150,13 @@ pub(crate) async fn run(
         ("write_errors", write_errors.into()),
         ("complete_histories", complete.into()),
     ]);
+    r.insert_extra([
+        ("open_secs", serde_json::Value::from(open_secs)),
+        ("rss_open_kb", rss_open.into()),
+    ]);
     r.notes.push(format!(
-        "{resubscribes} subscribes in {:.1} s ({:.0}/s; latency: Subscribe to `subscribed`, after the replay), {} writes acknowledged; {complete} of {subscribers} histories are exactly the acknowledged writes",
+        "{subscribers} streams opened in {open_secs:.1} s (server RSS {:.1} MB), then {resubscribes} resubscribes in {:.1} s ({:.0}/s; latency: Subscribe to `subscribed`, after the replay), {} writes acknowledged; {complete} of {subscribers} histories are exactly the acknowledged writes",
+        rss_open as f64 / 1024.0,
         elapsed.as_secs_f64(),
         resubscribes as f64 / elapsed.as_secs_f64(),
         acked.len()
@@ -140,24 +171,38 @@ pub(crate) async fn run(
     Ok(r)
 }
 
-/// Subscribes, reads, leaves after about `stay`, subscribes again from the
-/// last seq seen; until the last acknowledged seq is known and seen.
+/// Shared by the subscribers: the opening's permits and count, and whether
+/// the measured time runs.
+struct Phase {
+    opening: tokio::sync::Semaphore,
+    opened: tokio::sync::watch::Sender<usize>,
+    measuring: AtomicBool,
+}
+
+/// Subscribes from 0 (under an opening permit), then leaves after a random
+/// share of `stay` (so the leaves are spread from the start), subscribes
+/// again from the last seq seen, and from then on leaves after about
+/// `stay`; until the last acknowledged seq is known and seen.
 async fn subscriber(
     mut c: Client,
     k: u64,
     stay: Duration,
     mut last: tokio::sync::watch::Receiver<Option<u64>>,
+    phase: Arc<Phase>,
 ) -> Seen {
     let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (k + 1);
     let mut seen = Seen::default();
     let mut since = 0u64;
-    // The first subscribes are spread over one stay, not all at once.
-    let first = stay.mul_f64((xorshift(&mut seed) % 1000) as f64 / 1000.0);
-    tokio::time::sleep(first).await;
+    let mut first = true;
     loop {
         if last.borrow().is_some_and(|l| since >= l) {
             return seen;
         }
+        let mut permit = if first {
+            phase.opening.acquire().await.ok()
+        } else {
+            None
+        };
         let called = Instant::now();
         let opened = c
             .subscribe(pb::SubscribeRequest {
@@ -172,8 +217,9 @@ async fn subscriber(
             continue;
         };
         let mut stream = stream.into_inner();
-        let factor = 0.5 + (xorshift(&mut seed) % 1000) as f64 / 1000.0;
-        let leave = tokio::time::Instant::now() + stay.mul_f64(factor);
+        let share = (xorshift(&mut seed) % 1000) as f64 / 1000.0;
+        let leave =
+            tokio::time::Instant::now() + stay.mul_f64(if first { share } else { 0.5 + share });
         let mut subscribed = false;
         loop {
             tokio::select! {
@@ -184,7 +230,13 @@ async fn subscriber(
                     }
                     Ok(Some(pb::SubscribeResponse { event: Some(Event::Subscribed(_)) })) => {
                         subscribed = true;
-                        seen.latencies_us.push(micros(called.elapsed()));
+                        if first {
+                            first = false;
+                            drop(permit.take());
+                            phase.opened.send_modify(|n| *n += 1);
+                        } else if phase.measuring.load(Ordering::Relaxed) {
+                            seen.latencies_us.push(micros(called.elapsed()));
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => {

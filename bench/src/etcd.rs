@@ -485,14 +485,18 @@ async fn fanout(
     let idle_rss = rss_kb(pid);
     let all = stream_channels(addr, channels, subscribers, args.streams_per_connection).await?;
     let opening = Instant::now();
-    let streams: Vec<_> = {
+    let listening = args.listening();
+    let open = |key: &'static [u8], from: usize, count: usize| {
         use futures_util::{StreamExt, TryStreamExt};
-        futures_util::stream::iter(0..subscribers)
-            .map(|i| within(watch(all[i % all.len()].clone(), KEY, b"", 0)))
+        let all = &all;
+        futures_util::stream::iter(from..from + count)
+            .map(move |i| within(watch(all[i % all.len()].clone(), key, b"", 0)))
             .buffer_unordered(crate::workloads::OPENING_AT_ONCE)
-            .try_collect()
-            .await?
+            .try_collect::<Vec<_>>()
     };
+    let streams = open(KEY, 0, listening).await?;
+    // The rest watch a key nobody writes; held open until the end.
+    let _idle = open(b"bench.idle", listening, subscribers - listening).await?;
     let open_secs = opening.elapsed().as_secs_f64();
     let subscribed_rss = rss_kb(pid);
     let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
@@ -553,7 +557,7 @@ async fn fanout(
         }
     }
     let delivered = latencies.len() as u64;
-    let expected = sent.len() as u64 * subscribers as u64;
+    let expected = sent.len() as u64 * listening as u64;
     let mut r = Totals {
         latencies_us: latencies,
         ops: delivered,
@@ -568,6 +572,7 @@ async fn fanout(
         ("expected", expected.into()),
     ]);
     crate::workloads::fanout_notes(&mut r, subscribers, open_secs, idle_rss, subscribed_rss);
+    crate::workloads::listening_note(&mut r, listening, subscribers);
     crate::workloads::fanout_delivery(&mut r, "etcd fanout", delivered, expected);
     Ok(r)
 }

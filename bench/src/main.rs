@@ -172,6 +172,11 @@ pub struct WorkloadArgs {
     /// Subscribers (fanout, soak: default 1000; hostile: default 5000).
     #[arg(long)]
     pub subscribers: Option<usize>,
+    /// Share of the fanout subscribers that listen to the key written; the
+    /// others listen to a key nobody writes (idle streams the server holds
+    /// while it fans out to the rest).
+    #[arg(long, default_value_t = 1.0)]
+    pub listening_fraction: f64,
     /// Most Subscribe (or etcd Watch) streams the bench opens on one HTTP/2
     /// connection; the subscribers take as many connections as that needs
     /// (100,000 streams at the default: 1,000 connections).
@@ -727,6 +732,19 @@ impl WorkloadArgs {
     }
 
     /// `--subscribers`, or the workload's default.
+    /// How many of the fanout subscribers listen to the key written
+    /// (`--listening-fraction`), at least one.
+    pub fn listening(&self) -> usize {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let n =
+            (self.subscribers() as f64 * self.listening_fraction.clamp(0.0, 1.0)).round() as usize;
+        n.clamp(1, self.subscribers().max(1))
+    }
+
     pub fn subscribers(&self) -> usize {
         let default = if self.workload == Workload::Hostile {
             5000

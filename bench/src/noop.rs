@@ -13,6 +13,8 @@ use tonic::{Request, Response, Status};
 
 pub struct Noop {
     seq: AtomicU64,
+    /// Each database's sync key, for Put's notifications.
+    keys: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Every Put's notification, to every open Subscribe stream.
     fanout: tokio::sync::broadcast::Sender<pb::SubscribeResponse>,
 }
@@ -21,6 +23,7 @@ impl Default for Noop {
     fn default() -> Self {
         Noop {
             seq: AtomicU64::new(0),
+            keys: std::sync::Mutex::default(),
             fanout: tokio::sync::broadcast::Sender::new(FANOUT_BUFFER),
         }
     }
@@ -46,13 +49,18 @@ impl SyncService for Noop {
         r: Request<pb::CreateDatabaseRequest>,
     ) -> Result<Response<pb::CreateDatabaseResponse>, Status> {
         let r = r.into_inner();
+        let sync_key = if r.sync_key.is_empty() {
+            r.name.clone()
+        } else {
+            r.sync_key
+        };
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(r.name.clone(), sync_key.clone());
         Ok(Response::new(pb::CreateDatabaseResponse {
             database: Some(pb::Database {
-                sync_key: if r.sync_key.is_empty() {
-                    r.name.clone()
-                } else {
-                    r.sync_key
-                },
+                sync_key,
                 name: r.name,
                 ..Default::default()
             }),
@@ -84,9 +92,16 @@ impl SyncService for Noop {
         let r = r.into_inner();
         let seq = self.next_seq();
         if self.fanout.receiver_count() > 0 {
+            let sync_key = self
+                .keys
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&r.database)
+                .cloned()
+                .unwrap_or_else(|| r.database.clone());
             let _ = self.fanout.send(pb::SubscribeResponse {
                 event: Some(Event::Notification(pb::Notification {
-                    sync_key: r.database.clone(),
+                    sync_key,
                     seq,
                     database: r.database,
                     id: r.id.clone(),
@@ -169,29 +184,41 @@ impl SyncService for Noop {
 
     async fn subscribe(
         &self,
-        _: Request<pb::SubscribeRequest>,
+        r: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let keys = r.into_inner().sync_keys;
         let rx = self.fanout.subscribe();
         let subscribed = pb::SubscribeResponse {
             event: Some(Event::Subscribed(pb::Subscribed {
                 head_seq: self.seq.load(Ordering::Relaxed),
             })),
         };
-        // `subscribed`, then each notification; a lagging subscriber skips
-        // what it missed (the bench then reports it undelivered).
-        let stream =
-            futures_util::stream::unfold((Some(subscribed), rx), |(first, mut rx)| async move {
+        // `subscribed`, then each notification of its keys; a lagging
+        // subscriber skips what it missed (the bench then reports it
+        // undelivered).
+        let stream = futures_util::stream::unfold(
+            (Some(subscribed), rx, keys),
+            |(first, mut rx, keys)| async move {
                 if let Some(first) = first {
-                    return Some((Ok(first), (None, rx)));
+                    return Some((Ok(first), (None, rx, keys)));
                 }
                 loop {
                     match rx.recv().await {
-                        Ok(message) => return Some((Ok(message), (None, rx))),
+                        Ok(message) => {
+                            let ours = match &message.event {
+                                Some(Event::Notification(n)) => keys.contains(&n.sync_key),
+                                _ => true,
+                            };
+                            if ours {
+                                return Some((Ok(message), (None, rx, keys)));
+                            }
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     }
                 }
-            });
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

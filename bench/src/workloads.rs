@@ -657,11 +657,20 @@ pub(crate) async fn fanout(
 ) -> Result<Report, String> {
     let idle_rss = rss_kb(pid);
     let opening = Instant::now();
-    let streams = subscribe_all(
+    let all_channels = stream_channels(
         addr,
         channels,
         args.subscribers(),
         args.streams_per_connection,
+    )
+    .await?;
+    let listening = args.listening();
+    let streams = open_subscribers(&all_channels, "bench.key", listening).await?;
+    // The rest listen to a key nobody writes; held open until the end.
+    let _idle = open_subscribers(
+        &all_channels[listening % all_channels.len()..],
+        "bench.idle",
+        args.subscribers() - listening,
     )
     .await?;
     let open_secs = opening.elapsed().as_secs_f64();
@@ -702,7 +711,7 @@ pub(crate) async fn fanout(
             }
         }
     }
-    let expected = sent.len() as u64 * args.subscribers() as u64;
+    let expected = sent.len() as u64 * listening as u64;
     let is_noop = expected > 0 && delivered == 0;
     let totals = Totals {
         latencies_us: if is_noop { put_latencies } else { latencies },
@@ -728,6 +737,7 @@ pub(crate) async fn fanout(
         idle_rss,
         subscribed_rss,
     );
+    listening_note(&mut r, listening, args.subscribers());
     if is_noop {
         r.notes
             .push("no-op server delivers nothing: latency is its Put round trip".into());
@@ -747,6 +757,16 @@ pub(crate) fn fanout_delivery(r: &mut Report, label: &str, delivered: u64, expec
         r.failed.push(format!(
             "{label} delivered {delivered} of {expected} notifications"
         ));
+    }
+}
+
+/// Notes how many of the subscribers listened to the key written.
+pub(crate) fn listening_note(r: &mut Report, listening: usize, subscribers: usize) {
+    if listening < subscribers {
+        r.notes.push(format!(
+            "{listening} of the {subscribers} streams listen to the key written; the others to a key nobody writes"
+        ));
+        r.extra.insert("listening".into(), listening.into());
     }
 }
 

@@ -10,6 +10,8 @@
 //! reader gives up, and the consumer gets [`Error::SnapshotStalled`] once it reads
 //! again.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -39,7 +41,7 @@ pub struct Snapshot {
     /// The seq of the last document handed out.
     handed: u64,
     /// The reader's outcome once it sent its last chunk.
-    reader: JoinHandle<Result<()>>,
+    reader: Reader,
     /// The store's `--max-snapshots` slot, held while the snapshot is open.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -53,17 +55,14 @@ impl Snapshot {
             return Ok(Some(chunk));
         }
         match (&mut self.reader).await {
-            Ok(Ok(())) => Ok(None),
+            Ok(()) => Ok(None),
             // Everything handed out reaches the client before this error:
             // it resumes after the last of it.
-            Ok(Err(Error::SnapshotStalled { secs, .. })) => Err(Error::SnapshotStalled {
+            Err(Error::SnapshotStalled { secs, .. }) => Err(Error::SnapshotStalled {
                 secs,
                 since: self.handed,
             }),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(Error::Storage(
-                format!("the snapshot reader stopped: {e}").into(),
-            )),
+            Err(e) => Err(e),
         }
     }
 
@@ -122,12 +121,23 @@ impl Feed {
     }
 }
 
-/// Starts `read` (a backend's reader, given the feed) with `spawn`, and
-/// waits for the head it reports; if it fails before that, its error.
-pub(super) async fn start(
-    stall: Duration,
-    spawn: impl FnOnce(Feed) -> JoinHandle<Result<()>>,
-) -> Result<Snapshot> {
+/// A backend's reader: its outcome once it sent its last chunk.
+pub(super) type Reader = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// A reader run as a tokio task.
+pub(super) fn task(handle: JoinHandle<Result<()>>) -> Reader {
+    Box::pin(async move {
+        handle.await.unwrap_or_else(|e| {
+            Err(Error::Storage(
+                format!("the snapshot reader stopped: {e}").into(),
+            ))
+        })
+    })
+}
+
+/// Starts a backend's reader with `spawn`, giving it the feed, and waits
+/// for the head it reports; if it fails before that, its error.
+pub(super) async fn start(stall: Duration, spawn: impl FnOnce(Feed) -> Reader) -> Result<Snapshot> {
     let (head_tx, head_rx) = oneshot::channel();
     let (chunks_tx, chunks) = mpsc::channel(CHUNKS_AHEAD);
     let mut reader = spawn(Feed {
@@ -146,12 +156,9 @@ pub(super) async fn start(
             _slot: None,
         }),
         Err(_) => match (&mut reader).await {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => Err(Error::Storage(
+            Err(e) => Err(e),
+            Ok(()) => Err(Error::Storage(
                 "the snapshot reader ended without reporting its head".into(),
-            )),
-            Err(e) => Err(Error::Storage(
-                format!("the snapshot reader stopped: {e}").into(),
             )),
         },
     }

@@ -394,7 +394,7 @@ impl Reads {
             .await?;
         let name = database.clone();
         super::snapshot::start(stall, move |mut feed| {
-            tokio::spawn(async move {
+            super::snapshot::task(tokio::spawn(async move {
                 let head = read_counters(&mut *tx).await?.last_seq;
                 let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
                     .bind(name.as_str())
@@ -422,7 +422,7 @@ impl Reads {
                 feed.flush().await?;
                 tx.commit().await?;
                 Ok(())
-            })
+            }))
         })
         .await
     }

@@ -74,8 +74,11 @@ impl LogReaders {
     }
 
     /// Streams the live documents of `database` into `feed`, from one read
-    /// transaction (see `store::snapshot`). Blocks: call it on a blocking
-    /// thread; `runtime` runs the feed's sends.
+    /// transaction (see `store::snapshot`), on a connection of its own
+    /// (`Role::SnapshotReader`: no mmap, a small cache; closed after, so a
+    /// snapshot leaves nothing behind in memory). Blocks, and lowers the
+    /// calling thread's CPU priority for good: call it on a thread of its
+    /// own. `runtime` runs the feed's sends.
     pub(super) fn snapshot(
         &self,
         database: &DbName,
@@ -84,13 +87,12 @@ impl LogReaders {
     ) -> Result<()> {
         self.long_reads.fetch_add(1, Ordering::AcqRel);
         let _counted = LongRead(&self.long_reads);
-        let conn = self.take()?;
+        lower_thread_priority();
+        let conn =
+            settings::rusqlite_connection(&self.path, Role::SnapshotReader, self.durability)?;
         conn.execute_batch("BEGIN")?;
         let streamed = stream_snapshot(&conn, database, feed, runtime);
         let end = conn.execute_batch("COMMIT");
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(conn);
-        }
         streamed?;
         end?;
         Ok(())
@@ -210,4 +212,19 @@ fn stream_snapshot(
         }
     }
     runtime.block_on(feed.flush())
+}
+
+/// Gives the calling thread a nice value of 10: a snapshot reading a large
+/// database on a busy machine then takes the CPU the request threads leave,
+/// instead of sharing it with small writes and reads equally. (Linux: a
+/// nice value is a thread's own; an unprivileged thread cannot raise it
+/// back, so the thread must be one of its own.) Best effort.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and touch no memory.
+    unsafe {
+        let tid = libc::gettid();
+        #[allow(clippy::cast_sign_loss)] // a thread id is positive
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
 }

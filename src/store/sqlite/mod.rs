@@ -283,8 +283,9 @@ impl Reads {
     }
 
     /// A database's live documents as of one seq, read in one read
-    /// transaction on a log reader connection (rusqlite) on a blocking
-    /// thread. Not under a scan permit: `Store` bounds snapshots itself.
+    /// transaction on a connection of its own (rusqlite), on a thread of its
+    /// own at a lower CPU priority (`log::LogReaders::snapshot`). Not under
+    /// a scan permit: `Store` bounds snapshots itself.
     pub(super) async fn snapshot(
         &self,
         database: &DbName,
@@ -293,7 +294,18 @@ impl Reads {
         let (log, name) = (self.log.clone(), database.clone());
         let runtime = tokio::runtime::Handle::current();
         super::snapshot::start(stall, move |feed| {
-            tokio::task::spawn_blocking(move || log.snapshot(&name, feed, &runtime))
+            let (done, outcome) = tokio::sync::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("agsync-snapshot".into())
+                .spawn(move || {
+                    let _ = done.send(log.snapshot(&name, feed, &runtime));
+                });
+            Box::pin(async move {
+                spawned.map_err(|e| Error::Storage(Box::new(e)))?;
+                outcome
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Storage("the snapshot thread panicked".into())))
+            })
         })
         .await
     }

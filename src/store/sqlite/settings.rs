@@ -31,11 +31,15 @@ pub(super) enum Role {
     /// A replay reader (rusqlite, read-only): reads the log in order, so a
     /// small page cache is enough.
     LogReader,
+    /// A Snapshot stream's reader (rusqlite, read-only): reads a whole
+    /// database once, so a small page cache and no mmap (mapped pages stay
+    /// in the server's RSS: up to the map's 256 MiB per connection).
+    SnapshotReader,
 }
 
 impl Role {
     fn read_only(self) -> bool {
-        matches!(self, Role::Reader | Role::LogReader)
+        matches!(self, Role::Reader | Role::LogReader | Role::SnapshotReader)
     }
 }
 
@@ -58,18 +62,25 @@ pub(super) fn pragmas(role: Role, durability: Durability) -> Vec<(&'static str, 
     pragmas.extend([
         ("synchronous", synchronous),
         ("foreign_keys", "ON"),
-        // A 64 MiB page cache per connection (2 MiB for a replay reader,
-        // which reads the log in order), and reads through mmap: fewer
-        // syscalls and copies on large databases.
+        // A 64 MiB page cache per connection (2 MiB for a replay or
+        // snapshot reader, which read in order), and reads through mmap:
+        // fewer syscalls and copies on large databases.
         (
             "cache_size",
-            if role == Role::LogReader {
+            if matches!(role, Role::LogReader | Role::SnapshotReader) {
                 "-2048"
             } else {
                 "-65536"
             },
         ),
-        ("mmap_size", "268435456"),
+        (
+            "mmap_size",
+            if role == Role::SnapshotReader {
+                "0"
+            } else {
+                "268435456"
+            },
+        ),
         ("temp_store", "MEMORY"),
     ]);
     if role == Role::Writer {

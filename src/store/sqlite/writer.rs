@@ -71,10 +71,10 @@ const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 const TRUNCATE_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
 /// After a TRUNCATE checkpoint that could not finish while a Snapshot
 /// stream was open, the next one after a batch waits this long, doubled
-/// after each failure up to `TRUNCATE_BACKOFF_MAX`, while the WAL is under
-/// `--wal-max-bytes`: the stream then costs a few writes
-/// `TRUNCATE_BUSY_TIMEOUT` each, not every write. Over the bound, every
-/// batch tries.
+/// after each failure up to `TRUNCATE_BACKOFF_MAX`: the stream then costs a
+/// few writes `TRUNCATE_BUSY_TIMEOUT` each, not every write. (The WAL grows
+/// past `--wal-max-bytes` meanwhile: nothing can restart it under an open
+/// snapshot.)
 const TRUNCATE_BACKOFF: Duration = Duration::from_millis(100);
 const TRUNCATE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// After this many batches failed in a row, the writer gives up: the
@@ -373,11 +373,11 @@ impl Engine for Writer {
         .await;
         if committed == Committed::Yes {
             let wal = self.wal.len();
-            // Over the bound, every batch tries; under it, a failed try
-            // backs off (see `truncate_after`).
-            if wal > self.wal.max_bytes
-                || (wal > self.wal.max_bytes / 2
-                    && self
+            // While a Snapshot stream is open, a failed try backs off (see
+            // `truncate_after`): the stream holds its snapshot until it ends.
+            if wal > self.wal.max_bytes / 2
+                && (self.wal.long_reads.load(Ordering::Acquire) == 0
+                    || self
                         .truncate_after
                         .is_none_or(|(failed, backoff)| failed.elapsed() >= backoff))
             {
