@@ -555,7 +555,18 @@ pub fn self_signed_tls(
 /// Every change of `database`, from the start, paged with `last_seq` until
 /// an empty page.
 pub async fn all_changes(client: &Client, database: &str) -> Vec<pb::Change> {
-    let (mut all, mut since) = (Vec::new(), 0);
+    changes_after(client, database, 0, false).await
+}
+
+/// Every change of `database` after `since` (with bodies if
+/// `include_docs`), paged with `last_seq` until an empty page.
+pub async fn changes_after(
+    client: &Client,
+    database: &str,
+    mut since: u64,
+    include_docs: bool,
+) -> Vec<pb::Change> {
+    let mut all = Vec::new();
     loop {
         let page = client
             .clone()
@@ -563,6 +574,7 @@ pub async fn all_changes(client: &Client, database: &str) -> Vec<pb::Change> {
                 database: database.into(),
                 since,
                 limit: 10_000,
+                include_docs,
                 ..Default::default()
             })
             .await

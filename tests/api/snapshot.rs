@@ -30,24 +30,26 @@ struct Held {
     body: Value,
 }
 
+/// Applies one write to a replica: a deletion removes the document.
+fn apply(state: &mut BTreeMap<String, Held>, id: &str, deleted: bool, held: impl FnOnce() -> Held) {
+    if deleted {
+        state.remove(id);
+    } else {
+        state.insert(id.to_owned(), held());
+    }
+}
+
 /// The live documents after `writes` up to `through`, by id.
 fn state_at(writes: &[Write], through: u64) -> BTreeMap<String, Held> {
     let mut sorted: Vec<&Write> = writes.iter().filter(|w| w.seq <= through).collect();
     sorted.sort_by_key(|w| w.seq);
     let mut state = BTreeMap::new();
     for w in sorted {
-        if w.deleted {
-            state.remove(&w.id);
-        } else {
-            state.insert(
-                w.id.clone(),
-                Held {
-                    rev: w.rev.clone(),
-                    seq: w.seq,
-                    body: w.body.clone(),
-                },
-            );
-        }
+        apply(&mut state, &w.id, w.deleted, || Held {
+            rev: w.rev.clone(),
+            seq: w.seq,
+            body: w.body.clone(),
+        });
     }
     state
 }
@@ -303,36 +305,12 @@ async fn a_snapshot_is_the_state_at_its_seq_and_subscribe_goes_on_from_there() {
 
     // The snapshot, then Changes(since=S): the final state.
     let mut replica = held(&changes);
-    let mut since = s;
-    loop {
-        let page = c
-            .changes(pb::ChangesRequest {
-                database: "snap".into(),
-                since,
-                include_docs: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.changes.is_empty() {
-            break;
-        }
-        for ch in &page.changes {
-            if ch.deleted {
-                replica.remove(&ch.id);
-            } else {
-                replica.insert(
-                    ch.id.clone(),
-                    Held {
-                        rev: ch.rev.clone(),
-                        seq: ch.seq,
-                        body: change_body(ch),
-                    },
-                );
-            }
-        }
-        since = page.last_seq;
+    for ch in changes_after(&c, "snap", s, true).await {
+        apply(&mut replica, &ch.id, ch.deleted, || Held {
+            rev: ch.rev.clone(),
+            seq: ch.seq,
+            body: change_body(&ch),
+        });
     }
     assert_eq!(replica, state_at(&writes, u64::MAX));
 }
