@@ -65,9 +65,9 @@ impl WalBound {
 /// How long writes must pause before the writer truncates the WAL.
 const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 
-/// While a Snapshot stream is open, how long the writer's TRUNCATE
-/// checkpoint waits for readers on older snapshots before it gives up (at
-/// other times it waits up to the busy timeout: readers are short).
+/// How long one try of the writer's TRUNCATE checkpoint waits for readers
+/// on older snapshots; it tries again until the busy timeout, unless a
+/// Snapshot stream is open.
 const TRUNCATE_BUSY_TIMEOUT: Duration = Duration::from_millis(50);
 /// After a TRUNCATE checkpoint that could not finish while a Snapshot
 /// stream was open, the next one after a batch waits this long, doubled
@@ -202,23 +202,28 @@ impl Writer {
     fn truncate_wal(&mut self) -> bool {
         let started = std::time::Instant::now();
         // A TRUNCATE checkpoint waits (busy handler) for every reader on an
-        // older snapshot, and a Snapshot stream holds one for as long as it
-        // streams: then waiting briefly, and backing off (`truncate_after`),
-        // keeps it from pausing writes. (A stream that starts during a
-        // checkpoint with the long wait holds that checkpoint up: rare, as a
-        // checkpoint takes milliseconds.)
-        let long_read = self.wal.long_reads.load(Ordering::Acquire) > 0;
-        if long_read {
-            let _ = self.conn.busy_timeout(TRUNCATE_BUSY_TIMEOUT);
-        }
-        let result = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
-                row.get::<_, i64>(0)
-            });
-        if long_read {
-            let _ = self.conn.busy_timeout(super::settings::BUSY_TIMEOUT);
-        }
+        // older snapshot. Readers are short, except a Snapshot stream, which
+        // holds its snapshot for as long as it streams: so the checkpoint
+        // waits in slices of TRUNCATE_BUSY_TIMEOUT, up to the busy timeout
+        // in all, and gives up (backing off, `truncate_after`) as soon as a
+        // Snapshot stream is open, also one that began during the wait.
+        let _ = self.conn.busy_timeout(TRUNCATE_BUSY_TIMEOUT);
+        let (result, long_read) = loop {
+            let result = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                    row.get::<_, i64>(0)
+                });
+            let long_read = self.wal.long_reads.load(Ordering::Acquire) > 0;
+            match result {
+                Ok(busy)
+                    if busy != 0
+                        && !long_read
+                        && started.elapsed() < super::settings::BUSY_TIMEOUT => {}
+                result => break (result, long_read),
+            }
+        };
+        let _ = self.conn.busy_timeout(super::settings::BUSY_TIMEOUT);
         let took = started.elapsed();
         if took > Duration::from_millis(200) {
             tracing::warn!(?took, "restarting the WAL paused the writer");
