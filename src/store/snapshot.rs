@@ -40,21 +40,24 @@ pub struct Snapshot {
     chunks: mpsc::Receiver<Vec<Change>>,
     /// The seq of the last document handed out.
     handed: u64,
-    /// The reader's outcome once it sent its last chunk.
-    reader: Reader,
+    /// The reader's outcome once it sent its last chunk; `None` once taken.
+    reader: Option<Reader>,
     /// The store's `--max-snapshots` slot, held while the snapshot is open.
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Snapshot {
     /// The next live documents, in seq order; `None` once every document
-    /// was handed out.
+    /// was handed out (and after an error).
     pub async fn next(&mut self) -> Result<Option<Vec<Change>>> {
         if let Some(chunk) = self.chunks.recv().await {
             self.handed = chunk.last().map_or(self.handed, |c| c.seq);
             return Ok(Some(chunk));
         }
-        match (&mut self.reader).await {
+        let Some(reader) = self.reader.take() else {
+            return Ok(None);
+        };
+        match reader.await {
             Ok(()) => Ok(None),
             // Everything handed out reaches the client before this error:
             // it resumes after the last of it.
@@ -152,7 +155,7 @@ pub(super) async fn start(stall: Duration, spawn: impl FnOnce(Feed) -> Reader) -
             head,
             chunks,
             handed: 0,
-            reader,
+            reader: Some(reader),
             _slot: None,
         }),
         Err(_) => match (&mut reader).await {
