@@ -97,7 +97,14 @@ async function* timedMessages(messages) {
 let transport;
 if (args.transport === "grpc") {
   const { createGrpcTransport } = await importFromWeb("@connectrpc/connect-node");
-  transport = createGrpcTransport({ baseUrl, interceptors: [timing] });
+  // BOOTSTRAP_NODE_WINDOW: the HTTP/2 stream window Node advertises
+  // (default 64 KiB: a 1 MiB Snapshot message then takes 16 window updates).
+  const window = Number(process.env.BOOTSTRAP_NODE_WINDOW ?? 0);
+  transport = createGrpcTransport({
+    baseUrl,
+    interceptors: [timing],
+    ...(window > 0 ? { nodeOptions: { settings: { initialWindowSize: window } } } : {}),
+  });
 } else if (args.transport === "grpc-web") {
   transport = createAgsyncTransport({ baseUrl, interceptors: [timing] });
 } else {

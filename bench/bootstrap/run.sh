@@ -32,6 +32,8 @@
 #   BOOTSTRAP_LOADER_NICE [0]     the loader's nice value: 10 lets the server and the writer go first,
 #                                 as if the loader ran on another machine (the writer's p99 then
 #                                 shows what the server's own work costs it)
+#   BOOTSTRAP_NODE_WINDOW [0]     node-grpc*: the HTTP/2 stream window Node advertises, in bytes
+#                                 (0: Node's 64 KiB); passed to connect-node's nodeOptions.settings
 #   BOOTSTRAP_PROFILE [0]         1: after the runs, one profiled run per client (cProfile,
 #                                 V8 CPU profile) and, with `perf` usable, the server's hot spots
 #                                 (BOOTSTRAP_RUNS=0 BOOTSTRAP_PROFILE=1: the profiles alone)
