@@ -297,6 +297,17 @@ pub(super) async fn open(
     })
 }
 
+/// The id and created_seq of `database`'s current instance, or
+/// DatabaseNotFound.
+async fn find_instance(conn: &mut sqlx::PgConnection, database: &DbName) -> Result<(i64, u64)> {
+    let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
+        .bind(database.as_str())
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
+    rows::instance(&found)
+}
+
 async fn read_counters<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<Counters> {
     let found = sqlx::query(COUNTERS_SQL).fetch_all(conn).await?;
     let pairs = found
@@ -351,12 +362,7 @@ impl Reads {
     ) -> Result<ChangesPage> {
         self.link.guard_abandonable(async move {
             let mut tx = self.read_tx().await?;
-            let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
-                .bind(database.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| Error::DatabaseNotFound(database.to_string()))?;
-            let (db_id, created_seq) = rows::instance(&found)?;
+            let (db_id, created_seq) = find_instance(&mut tx, database).await?;
             {
                 let mut rows = sqlx::query(
                     "SELECT id, rev, seq, deleted, CASE WHEN $4 AND NOT deleted THEN body END AS body
@@ -396,12 +402,7 @@ impl Reads {
         super::snapshot::start(stall, move |mut feed| {
             super::snapshot::task(tokio::spawn(async move {
                 let head = read_counters(&mut *tx).await?.last_seq;
-                let found = sqlx::query("SELECT id, created_seq FROM databases WHERE name = $1")
-                    .bind(name.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| Error::DatabaseNotFound(name.to_string()))?;
-                let (db_id, created_seq) = rows::instance(&found)?;
+                let (db_id, created_seq) = find_instance(&mut tx, &name).await?;
                 feed.head(super::SnapshotHead {
                     seq: head,
                     created_seq,
